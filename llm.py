@@ -1,0 +1,533 @@
+"""A decoder-only language model covering LLaMA-2/Vicuna, LLaMA-3, Qwen2, Phi-1.5 and GPT-2 with config switches,
+KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors only).
+
+    model = LLM.from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
+    out = model.generate(idx, max_new_tokens=32)          # greedy; left-padded batches via mask=
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4              # < n_head: grouped-query attention (LLaMA-3, Qwen2)
+    d_ff: int = 768
+    max_seq_len: int = 512
+    head_dim: int | None = None     # None: d_model // n_head
+    norm: str = "rms"               # "rms" (LLaMA, Qwen2) | "layer" (Phi, GPT-2)
+    mlp: str = "swiglu"             # "swiglu" | "gelu" (plain two-layer MLP with config.act)
+    act: str = "silu"               # "silu" | "gelu_new" | "gelu"
+    pos: str = "rope"               # "rope" | "learned" (GPT-2)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...} as in HF configs
+    rotary_dim: int | None = None   # partial rotary (Phi): rotate only the first rotary_dim dims of each head
+    parallel: bool = False          # Phi: attention and MLP both read one LayerNorm and are summed
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    head_bias: bool = False
+    eps: float = 1e-5
+    family: str = "llama"           # HF layout used by save_pretrained: "llama" | "qwen2" | "phi" | "gpt2"
+
+    @property
+    def hd(self):
+        return self.head_dim or self.d_model // self.n_head
+
+    @staticmethod
+    def preset(name):
+        presets = {
+            "tiny": LLMConfig(),
+            "vicuna-7b": LLMConfig(32000, 4096, 32, 32, 32, 11008, 4096),
+            "llama3-8b": LLMConfig(128256, 4096, 32, 32, 8, 14336, 8192, rope_theta=500000.0),
+            "qwen2-0.5b": LLMConfig(151936, 896, 24, 14, 2, 4864, 32768, rope_theta=1000000.0, qkv_bias=True,
+                                    tie_embeddings=True, eps=1e-6, family="qwen2"),
+            "phi-1.5": LLMConfig(51200, 2048, 24, 32, 32, 8192, 2048, norm="layer", mlp="gelu", act="gelu_new",
+                                 rotary_dim=32, parallel=True, qkv_bias=True, out_bias=True, mlp_bias=True,
+                                 head_bias=True, family="phi"),
+            "gpt2": LLMConfig(50257, 768, 12, 12, 12, 3072, 1024, norm="layer", mlp="gelu", act="gelu_new",
+                              pos="learned", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+                              family="gpt2"),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown LLM preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]
+
+    @staticmethod
+    def from_hf(cfg: dict) -> "LLMConfig":
+        """Translate a HF config.json (as a dict) of a supported model_type."""
+        family = cfg.get("model_type")
+        if family not in HF_ARCH:
+            raise ValueError(f"unsupported model_type {family!r}; supported: {sorted(HF_ARCH)}")
+        if family == "gpt2":
+            for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+                if cfg.get(flag):
+                    raise ValueError(f"GPT-2 option {flag}=True is not supported")
+            d = cfg["n_embd"]
+            return LLMConfig(cfg["vocab_size"], d, cfg["n_layer"], cfg["n_head"], cfg["n_head"],
+                             cfg.get("n_inner") or 4 * d, cfg["n_positions"], norm="layer", mlp="gelu",
+                             act=cfg.get("activation_function", "gelu_new"), pos="learned", qkv_bias=True,
+                             out_bias=True, mlp_bias=True, tie_embeddings=cfg.get("tie_word_embeddings", True),
+                             eps=cfg.get("layer_norm_epsilon", 1e-5), family="gpt2")
+        # transformers >= 5 writes rope settings into `rope_parameters`; older files have top-level
+        # rope_theta / rope_scaling / partial_rotary_factor. Read both.
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope.update({k: v for k, v in (cfg.get("rope_scaling") or {}).items() if k not in rope})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
+        scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        n_head = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim")  # kept only when it differs from hidden_size // n_head (newer files write it)
+        head_dim = None if head_dim == cfg["hidden_size"] // n_head else head_dim
+        common = dict(vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"],
+                      n_head=n_head, n_kv_head=cfg.get("num_key_value_heads") or n_head,
+                      d_ff=cfg["intermediate_size"], max_seq_len=cfg["max_position_embeddings"],
+                      head_dim=head_dim, act=cfg.get("hidden_act", "silu"), rope_theta=theta,
+                      rope_scaling=scaling, tie_embeddings=cfg.get("tie_word_embeddings", False), family=family)
+        if family == "phi":
+            if cfg.get("qk_layernorm"):
+                raise ValueError("Phi option qk_layernorm=True is not supported")
+            hd = head_dim or cfg["hidden_size"] // n_head
+            return LLMConfig(**common, norm="layer", mlp="gelu", rotary_dim=int(hd * partial), parallel=True,
+                             qkv_bias=True, out_bias=True, mlp_bias=True, head_bias=True,
+                             eps=cfg.get("layer_norm_eps", 1e-5))
+        if family == "qwen2":
+            if cfg.get("use_sliding_window"):
+                raise ValueError("Qwen2 use_sliding_window=True is not supported")
+            return LLMConfig(**common, qkv_bias=True, eps=cfg.get("rms_norm_eps", 1e-6))
+        bias = cfg.get("attention_bias", False)  # llama: one flag for q, k, v and o
+        return LLMConfig(**common, qkv_bias=bias, out_bias=bias, mlp_bias=cfg.get("mlp_bias", False),
+                         eps=cfg.get("rms_norm_eps", 1e-6))
+
+    def to_hf(self) -> dict:
+        """The config.json transformers writes for this family (inverse of from_hf)."""
+        c, f = self, self.family
+        rope = {"rope_theta": c.rope_theta, "rope_type": "default", **(c.rope_scaling or {})}
+        if f == "gpt2":
+            return {"architectures": [HF_ARCH[f]], "model_type": f, "vocab_size": c.vocab_size, "n_embd": c.d_model,
+                    "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.d_ff, "n_positions": c.max_seq_len,
+                    "activation_function": c.act, "layer_norm_epsilon": c.eps, "tie_word_embeddings": c.tie_embeddings,
+                    "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+        out = {"architectures": [HF_ARCH[f]], "model_type": f, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+               "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+               "num_key_value_heads": c.n_kv_head, "head_dim": c.hd, "max_position_embeddings": c.max_seq_len,
+               "hidden_act": c.act, "tie_word_embeddings": c.tie_embeddings, "rope_parameters": rope}
+        if f == "phi":
+            rope["partial_rotary_factor"] = (c.rotary_dim or c.hd) / c.hd
+            return {**out, "layer_norm_eps": c.eps, "qk_layernorm": False}
+        out["rms_norm_eps"] = c.eps
+        if f == "llama":
+            if c.qkv_bias != c.out_bias:
+                raise ValueError("the llama layout has one attention_bias flag: qkv_bias must equal out_bias")
+            out.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+        return out
+
+
+HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi": "PhiForCausalLM",
+           "gpt2": "GPT2LMHeadModel"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (Su et al., RoFormer, Eq. 34): pairs (x_i, x_{i+d/2}) of each head are rotated by
+# angle pos * theta^(-2i/d). HF checkpoints use this "half split" pairing, not interleaved pairs.
+
+def rope_inv_freq(config, device=None):
+    d = config.rotary_dim or config.hd
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    s = config.rope_scaling or {}
+    if s.get("rope_type") == "linear":  # position interpolation (Chen et al. 2023): pos / factor
+        inv_freq = inv_freq / s["factor"]
+    elif s.get("rope_type") == "llama3":
+        # LLaMA-3.1: long wavelengths (> ctx/low_freq_factor) are slowed by `factor`, short ones (< ctx/high)
+        # kept, and the band in between blended linearly in ctx/wavelength.
+        ctx, lo, hi, factor = (s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"],
+                               s["factor"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > ctx / lo, inv_freq / factor, torch.where(wavelen < ctx / hi, inv_freq, blended))
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """x (B, nh, T, hs); cos, sin (B, 1, T, rd/2). Rotates the first rd dims, passes the rest (partial rotary)."""
+    rd = 2 * cos.shape[-1]
+    x1, x2, rest = x[..., : rd // 2], x[..., rd // 2: rd], x[..., rd:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def make_norm(config):
+    return nn.RMSNorm(config.d_model, eps=config.eps) if config.norm == "rms" else nn.LayerNorm(config.d_model, config.eps)
+
+
+class KVCache:
+    """Keys and values of every layer, each (B, n_kv_head, S, hs); every forward appends its T new positions."""
+
+    def __init__(self, n_layer):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+
+    @property
+    def length(self):  # the last layer is updated last, so this stays put during a forward pass
+        return 0 if self.k[-1] is None else self.k[-1].shape[2]
+
+    def update(self, i, k, v):
+        if self.k[i] is not None:
+            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
+        self.k[i], self.v[i] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_head, self.n_kv_head, self.hd = c.n_head, c.n_kv_head, c.hd
+        self.q_proj = nn.Linear(c.d_model, c.n_head * c.hd, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.hd, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.hd, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_head * c.hd, c.d_model, bias=c.out_bias)
+
+    def forward(self, x, rope, attn_mask, cache, i):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(i, k, v)                                         # (B, nkv, S, hs)
+        # no mask and no past: plain causal; one new token after a cache with no padding: sees everything
+        causal = attn_mask is None and k.shape[2] == T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.act = ACTS[c.act]
+        # SwiGLU (Shazeer 2020, "GLU Variants", FFN_SwiGLU = (Swish(xW) * xV) W2): gate_proj=W, up_proj=V
+        self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias) if c.mlp == "swiglu" else None
+        self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=c.mlp_bias)
+
+    def forward(self, x):
+        h = self.up_proj(x)
+        h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. Sequential: x + attn(norm1 x), then + mlp(norm2 x).
+    Parallel (Phi-1.5, GPT-J style): x + attn(norm x) + mlp(norm x) with a single norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = None if config.parallel else make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, attn_mask, cache, i):
+        h = self.input_layernorm(x)
+        a = self.self_attn(h, rope, attn_mask, cache, i)
+        if self.post_attention_layernorm is None:
+            return x + a + self.mlp(h)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLM(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        self.embed_positions = nn.Embedding(c.max_seq_len, c.d_model) if c.pos == "learned" else None
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm = make_norm(c)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=c.head_bias)
+        self.apply(self._init_weights)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(m):  # GPT-2 style init for training from scratch (tiny presets)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def embed(self, idx):
+        """(B, T) token ids -> (B, T, D) token embeddings (positions are added in forward)."""
+        V = self.config.vocab_size
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+            bad = idx[(idx < 0) | (idx >= V)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {V})")
+        return self.embed_tokens(idx)
+
+    def hidden_states(self, idx=None, embeds=None, mask=None, cache=None, before_layer=None):
+        """Final-norm hidden states (B, T, D); arguments as in forward."""
+        if (idx is None) == (embeds is None):
+            raise ValueError("pass exactly one of idx / embeds")
+        x = self.embed(idx) if idx is not None else embeds
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if S > self.config.max_seq_len:
+            raise ValueError(f"{S} positions ({past} cached + {T} new) exceed the context "
+                             f"max_seq_len={self.config.max_seq_len}")
+        dev = x.device
+        if mask is None:
+            pos = torch.arange(past, S, device=dev).expand(B, T)
+            # a chunk after a cache needs the offset causal mask; T == 1 or no past need none (see Attention)
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=dev).tril(past) if past and T > 1 else None
+        else:
+            if mask.shape != (B, S):
+                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (B, cached + new) = {(B, S)}")
+            mask = mask.to(device=dev, dtype=torch.bool)
+            # as HF: position = number of real tokens before it, so left padding doesn't shift positions
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 1)[:, past:]
+            causal = torch.ones(T, S, dtype=torch.bool, device=dev).tril(past)
+            diag = torch.arange(S, device=dev) == torch.arange(past, S, device=dev)[:, None]
+            # a padding query sees only itself: a fully masked row would make softmax NaN
+            attn_mask = ((causal & mask[:, None, None, :]) | diag)  # (B, 1, T, S)
+        rope = None
+        if self.config.pos == "rope":
+            freqs = pos[..., None].float() * rope_inv_freq(self.config, dev)  # (B, T, rd/2), fp32 like HF
+            rope = (freqs.cos()[:, None].to(x.dtype), freqs.sin()[:, None].to(x.dtype))
+        else:
+            x = x + self.embed_positions(pos)
+        for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                x = before_layer(i, x)
+            x = layer(x, rope, attn_mask, cache, i)
+        return self.norm(x)
+
+    def forward(self, idx=None, embeds=None, mask=None, cache=None, before_layer=None):
+        """Logits (B, T, V). Exactly one of idx (B, T) / embeds (B, T, D). mask (B, cached + T): 1 real, 0 padding
+        (left padding). cache: a KVCache, extended in place. before_layer(i, x) -> x runs before decoder layer i."""
+        return self.lm_head(self.hidden_states(idx, embeds, mask, cache, before_layer))
+
+    @torch.no_grad()
+    def generate(self, idx=None, max_new_tokens=32, temperature=0.0, top_k=None, eos_id=None, mask=None,
+                 embeds=None, before_layer=None):
+        """Greedy (temperature 0) or top-k sampling with a KV cache. Returns (B, T + new) when idx is given,
+        (B, new) when only embeds are. eos_id: an id or a list of ids; a finished row is padded with eos."""
+        if (idx is None) == (embeds is None):
+            raise ValueError("pass exactly one of idx / embeds")
+        B, T = idx.shape if idx is not None else embeds.shape[:2]
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the context "
+                             f"max_seq_len={self.config.max_seq_len}")
+        dev = idx.device if idx is not None else embeds.device
+        eos = None if eos_id is None else torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=dev)
+        cache = KVCache(self.config.n_layer)
+        h = self.hidden_states(idx, embeds, mask, cache, before_layer)[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = []
+        for step in range(max_new_tokens):
+            logits = self.lm_head(h).float()
+            if temperature > 0:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            if eos is not None:
+                nxt = nxt.masked_fill(done, eos[0])
+                done |= torch.isin(nxt, eos)
+            out.append(nxt)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            h = self.hidden_states(nxt[:, None], mask=mask, cache=cache, before_layer=before_layer)[:, -1]
+        new = torch.stack(out, dim=1) if out else torch.zeros(B, 0, dtype=torch.long, device=dev)
+        return torch.cat([idx, new], dim=1) if idx is not None else new
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> "LLM":
+        """Load a HF LlamaForCausalLM / Qwen2ForCausalLM / PhiForCausalLM / GPT2LMHeadModel directory.
+        Tensors go straight from safetensors into `dtype` (default float32) on a model built on the meta device,
+        so a bf16 checkpoint loaded as bf16 needs about its own size in RAM."""
+        from safetensors import safe_open
+        dtype = dtype or torch.float32
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+        with open(cfg_path) as f:
+            config = LLMConfig.from_hf(json.load(f))
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(t.shape) for k, t in _to_hf(config, model.state_dict()).items()}
+        found = {}  # HF key -> (file, key as stored, shape)
+        for file in _weight_files(path):
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    found[_hf_key(config, key)] = (file, key, tuple(f.get_slice(key).get_shape()))
+        ignored = [k for k in found if k not in expected and _ignorable(config, k)]
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected) - set(ignored))
+        wrong = [f"{k}: file {found[k][2]} vs model {expected[k]}" for k in sorted(set(expected) & set(found))
+                 if found[k][2] != expected[k]]
+        if missing or unexpected or wrong:
+            raise ValueError(f"checkpoint {path} does not fit {HF_ARCH[config.family]} built from its config.json:\n"
+                             + "".join(f"  {what}: {keys}\n" for what, keys in
+                                       (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                                       if keys))
+        state = {}
+        by_file = {}
+        for k in expected:
+            by_file.setdefault(found[k][0], []).append(k)
+        for file, keys in by_file.items():
+            with safe_open(file, "pt") as f:
+                for k in keys:
+                    state.update(_from_hf(config, k, f.get_tensor(found[k][1]).to(dtype)))
+        if config.tie_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_embeddings:  # assign=True replaced both Parameters: tie them again to one object
+            model.lm_head.weight = model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """Write config.json (HF format of config.family) and model.safetensors with HF key names."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        hf = self.config.to_hf()
+        hf["dtype"] = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        state = {k: t.detach().contiguous().cpu() for k, t in _to_hf(self.config, self.state_dict()).items()}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+# HF key layout per family: the model's prefix, and our module path -> HF module path (whole dotted segments).
+HF_PREFIX = {"llama": "model.", "qwen2": "model.", "phi": "model.", "gpt2": "transformer."}
+HF_RENAME = {
+    "llama": {}, "qwen2": {},
+    "phi": {"self_attn.o_proj": "self_attn.dense", "mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2",
+            "norm": "final_layernorm"},
+    "gpt2": {"embed_tokens": "wte", "embed_positions": "wpe", "layers": "h", "input_layernorm": "ln_1",
+             "post_attention_layernorm": "ln_2", "self_attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc",
+             "mlp.down_proj": "mlp.c_proj", "norm": "ln_f"},
+}
+
+
+def _rename(name, table):
+    name = f".{name}."
+    for a, b in table.items():
+        name = name.replace(f".{a}.", f".{b}.")
+    return name[1:-1]
+
+
+def _to_hf(config, state):
+    """Our state dict -> HF state dict (works on meta tensors, so it also gives the expected HF shapes)."""
+    fam, out = config.family, {}
+    for name, t in state.items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # tied: HF files store only the embedding
+        hf = name if name.startswith("lm_head.") else HF_PREFIX[fam] + _rename(name, HF_RENAME[fam])
+        if fam == "gpt2" and ".self_attn." in name and "o_proj" not in name:
+            if ".q_proj." not in name:
+                continue
+            # GPT-2 fuses q, k, v into one c_attn projection
+            kv = [state[name.replace("q_proj", p)] for p in ("k_proj", "v_proj")]
+            t, hf = torch.cat([t, *kv]), hf.replace("self_attn.q_proj", "attn.c_attn")
+        if fam == "gpt2" and t.dim() == 2 and not name.startswith("embed_"):
+            # GPT-2 uses Conv1D (HF pytorch_utils.Conv1D, kept from OpenAI's TF code, which computed x @ W with
+            # W of shape (in, out)): its weights are stored transposed relative to nn.Linear's (out, in).
+            t = t.t()
+        out[hf] = t
+    return out
+
+
+def _from_hf(config, hf, t):
+    """One HF tensor -> [(our name, tensor)]; the inverse of _to_hf."""
+    fam = config.family
+    if hf.startswith("lm_head."):
+        return [(hf, t)]
+    name = _rename(hf.removeprefix(HF_PREFIX[fam]), {b: a for a, b in HF_RENAME[fam].items()})
+    if fam != "gpt2":
+        return [(name, t)]
+    if t.dim() == 2 and not name.startswith("embed_"):
+        t = t.t()  # Conv1D (in, out) -> Linear (out, in); see _to_hf
+    if ".attn.c_attn." in name:
+        q = config.n_head * config.hd
+        kv = config.n_kv_head * config.hd
+        return [(name.replace("attn.c_attn", f"self_attn.{p}"), part.contiguous())
+                for p, part in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv]))]
+    return [(name, t.contiguous())]
+
+
+def _hf_key(config, key):
+    # the original GPT-2 files store keys without the "transformer." prefix
+    prefix = HF_PREFIX[config.family]
+    return key if key.startswith(prefix) or key.startswith("lm_head.") else prefix + key
+
+
+def _ignorable(config, key):
+    # derived buffers some older files contain: GPT-2's causal-mask "attn.bias"/"attn.masked_bias", LLaMA's
+    # "rotary_emb.inv_freq"; and lm_head.weight when the head is tied (transformers ties it regardless)
+    return (key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
+            or (key == "lm_head.weight" and config.tie_embeddings))
+
+
+def _weight_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are not in {path}: {absent}")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    pickles = [f for f in sorted(os.listdir(path)) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise ValueError(f"{path} holds only {pickles}: only safetensors checkpoints are loaded, because "
+                         "unpickling .bin/.pt files can execute arbitrary code. Convert them to safetensors first.")
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Generate from an LLM (random tiny preset, or a HF directory).")
+    p.add_argument("--ckpt", default=None, help="HF directory; default: random weights of --preset")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--ids", default="1,15,27,100", help="comma-separated prompt token ids")
+    p.add_argument("--max_new_tokens", type=int, default=16)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = LLM.from_pretrained(args.ckpt) if args.ckpt else LLM(LLMConfig.preset(args.preset)).eval()
+    print(model.config)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    idx = torch.tensor([[int(i) for i in args.ids.split(",")]])
+    print("generated ids:", model.generate(idx, max_new_tokens=args.max_new_tokens)[0].tolist())
