@@ -7,13 +7,22 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from vit import (LoRAConv2d, LoRALinear, ViT, ViTConfig, add_lora, lora_parameters, set_adapter)
 
 TOL = 1e-4
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=32, patch_size=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds barrier stalls (20x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def perturb_norms(model):
@@ -93,6 +102,14 @@ def test_prefixed_vision_layout_with_position_ids(vision_dir, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(open(os.path.join(d, "config.json")).read())
     check_parity(ViT.from_pretrained(str(tmp_path)).eval(), hf, pixels())
+
+
+def test_vision_with_projection_layout(tmp_path):
+    torch.manual_seed(0)
+    hf = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION, projection_dim=8)).eval()
+    perturb_norms(hf)
+    hf.save_pretrained(tmp_path)  # vision_model.* plus visual_projection.weight, which we ignore
+    check_parity(ViT.from_pretrained(str(tmp_path)).eval(), hf.vision_model, pixels())
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -289,6 +306,8 @@ def test_lora_zero_B_then_switching():
         set_adapter(vit, None)
     with pytest.raises(ValueError, match="'nope'"):
         vit(x, adapter="nope")
+    with pytest.raises(ValueError, match="'global'"):
+        ViT(ViTConfig.preset("tiny"))(x, adapter="global")  # no LoRA at all: naming an adapter is an error
     with pytest.raises(ValueError, match="already exists"):
         add_lora(vit, ["fc1"], "local", rank=2, alpha=2)
     with pytest.raises(ValueError, match="no layer"):
