@@ -570,6 +570,19 @@ def llm_case(cfg, T, device="meta"):
     return counted(lambda: m(embeds=x)), lm_prefill(T, cfg).torch
 
 
+def enricher_case(S, path="auto"):
+    """(counted, analytic) for the paper-size HIRE enricher (CLIP-L features, 24 x 24 x 1024) at S, on meta. All
+    channels go through J in one chunk: chunking saves memory, not FLOPs, and meta tensors hold no memory."""
+    import dataclasses
+    import torch
+    from hire import Enricher, HIREConfig
+    c = dataclasses.replace(HIREConfig.preset("paper"), jbu_chunk=1024)
+    with torch.device("meta"):
+        m = Enricher(c).eval()
+        image, feats = torch.zeros(1, 3, S, S), torch.zeros(1, 1024, 24, 24)
+    return counted(lambda: m(image, feats, path=path)), hire_enricher(S, 24, 1024, c, path).torch
+
+
 def _prompt(T, image=True):
     import torch
     idx = torch.arange(T) % 500 + 4  # ordinary token ids, one <image> slot after the first
@@ -648,19 +661,25 @@ def paper_scale_cases():
         f"Vicuna-7B prefill, {T} tokens (meta)": lambda: llm_case(LLMConfig.preset("vicuna-7b"), T),
         f"LLaMA-3-8B prefill (GQA), {T} tokens (meta)": lambda: llm_case(LLMConfig.preset("llama3-8b"), T),
         "Phi-1.5 prefill (GELU, parallel), 65 tokens (meta)": lambda: llm_case(LLMConfig.preset("phi-1.5"), 65),
+        "HIRE enricher at 672, CLIP-L features (meta)": lambda: enricher_case(672),
+        "HIRE enricher at 1008, CLIP-L features (meta)": lambda: enricher_case(1008),
     }
 
 
-def time_forward(model, pixels, idx, repeats=5):
+def time_forwards(models, repeats=7):
+    """Median forward time of each model, measured round-robin in one run so that load on a shared machine
+    falls on all of them alike."""
     import torch
+    times = {name: [] for name in models}
     with torch.no_grad():
-        model(pixels, idx)  # warm-up
-        times = []
+        for m, px, idx, _ in models.values():
+            m(px, idx)  # warm-up
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(pixels, idx)
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+            for name, (m, px, idx, _) in models.items():
+                t0 = time.perf_counter()
+                m(px, idx)
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def measure(timing=True):
@@ -681,13 +700,12 @@ def measure(timing=True):
         rows.append(row("counted vs analytic (torch convention)", f"tiny {name}, whole forward", c / 1e9, a / 1e9,
                         "GFLOPs", note=f"invisible to the counter: {cost.unseen / 1e6:.1f} MMACs"))
     if timing and "llava" in models:
-        base_t = time_forward(*models["llava"][:3])
-        base_f = models["llava"][3].macs
+        t = time_forwards(models)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         for name, (m, px, idx, cost) in models.items():
-            t = base_t if name == "llava" else time_forward(m, px, idx)
-            rows.append(row(f"tiny forward time / tiny LLaVA-1.5 ({dev}, one run)", name, t / base_t,
-                            None, "ratio", note=f"all-MAC ratio {cost.macs / base_f:.2f}, {1000 * t:.1f} ms"))
+            rows.append(row(f"tiny forward time / tiny LLaVA-1.5 ({dev}, {torch.get_num_threads()} threads, one run)",
+                            name, t[name] / t["llava"], None, "ratio",
+                            note=f"all-MAC ratio {cost.macs / models['llava'][3].macs:.2f}, {1000 * t[name]:.1f} ms"))
     return rows
 
 
