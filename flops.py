@@ -19,8 +19,6 @@ Attention is counted in full (T x T), as both counters do, although a causal ker
 """
 import argparse
 import json
-import math
-import sys
 import time
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -159,8 +157,8 @@ def vit_tokens(cfg, image_size=None):
 
 def lm_layer(T, lm, S=None):
     """One decoder layer on T tokens attending to S (= T in prefill): Pheye Eq. (3) with grouped-query attention
-    (k, v project to n_kv_head heads), a SwiGLU (3 matrices: gate, up, down) or GELU (2) MLP. Norms are RMSNorm
-    (LLaMA: no fvcore handle) or LayerNorm (Phi); we count neither, both are < 0.1%."""
+    (k, v project to n_kv_head heads), a SwiGLU (3 matrices: gate, up, down) or GELU (2) MLP. Norms are left
+    out: LLaMA's RMSNorm has no fvcore handle, Phi's LayerNorm would add < 0.1%."""
     d, hd = lm.d_model, lm.d_model // lm.n_head
     S = T if S is None else S
     qkvo = linear(T, d, lm.n_head * hd) * 2 + linear(T, d, lm.n_kv_head * hd) * 2
@@ -398,7 +396,8 @@ def fit_text_tokens(target=4.278e12, search=range(0, 200)):
     """HIRE Table 1 says "a single image with a single text token" but does not give the prompt's length with
     its template. We take the number t of text tokens for which our fvcore-convention LLaVA-1.5 row rounds to the
     paper's 4.278 TFLOPs (HF CLIP attention seen as matmuls, Vicuna's SDPA attention unseen, logits at every
-    position). Exactly one t does: 42, a one-token question inside the vicuna_v1 system prompt and roles."""
+    position). Exactly one t does: 42, about what a one-token question takes inside the vicuna_v1 template
+    (BOS, system prompt, USER/ASSISTANT roles)."""
     hits = [t for t in search if round(llava(text_tokens=t).fvcore / 1e12, 3) == round(target / 1e12, 3)]
     if len(hits) != 1:
         raise RuntimeError(f"text-token fit is not unique: {hits}")
@@ -482,7 +481,8 @@ def pheye_sec22():
     p = PHEYE_SEC22
     rows = [row("Pheye Sec. 2.2", "vision: ViT at 2305 tokens / 10 crops of 257 (Eq. 1 / Eq. 2)",
                 pheye_eq1(p["N"], p["D_vit"]) / pheye_eq2(p["N"], p["D_vit"], p["P"]), p["vision"], "ratio")]
-    full = vit_layer(p["N"], p["D_vit"], 4 * p["D_vit"]).macs / (p["P"] * vit_layer(257, p["D_vit"], 4 * p["D_vit"]).macs)
+    D = p["D_vit"]
+    full = vit_layer(p["N"], D, 4 * D).macs / (p["P"] * vit_layer(257, D, 4 * D).macs)
     rows.append(row("Pheye Sec. 2.2", "vision, both attention products counted", full, None, "ratio"))
     for I, paper in p["lm"].items():
         eq = pheye_eq3(p["N_T"], p["N_I"], p["D"]) / pheye_eq4(p["N_T"], p["N_I"], p["D"], p["D_vit"], I)
@@ -492,6 +492,12 @@ def pheye_sec22():
         cat = lm_layer(p["N_T"] + p["N_I"], lm).macs
         xat = lm_layer(p["N_T"], lm).macs + dense_cross_attention(p["N_T"], p["N_I"], p["D"], p["D_vit"]).macs / I
         rows.append(row("Pheye Sec. 2.2", f"LM, I={I}, both attention products counted", cat / xat, None, "ratio"))
+    for I in (4, 2):
+        for S in (448, 672):
+            c = pheye(S, I)
+            vision = vit("vit-h-14").macs * (1 + (S // 224) ** 2)
+            rows.append(row("Pheye Sec. 2.2", f"Pheye-x{I} {S}: first token, ViT-H + Phi-1.5, 65 text tokens",
+                            c.macs / 1e12, None, "TMACs", note=f"ViT calls without LoRA {vision / 1e12:.3f}"))
     return rows
 
 
@@ -754,7 +760,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(__doc__.split("\n\n")[2] if args.model is None else "", end="")
+        print(__doc__[__doc__.index("Convention."):] if args.model is None else "", end="")
         print_rows(rows)
 
 

@@ -29,7 +29,7 @@ def test_vit_layer_minus_two_runs_23_of_24_layers():
     assert full - penult == one_layer
 
 
-@pytest.mark.parametrize("preset,T", [("tiny", 40), ("vicuna-7b", 618), ("llama3-8b", 618), ("phi-1.5", 65)])
+@pytest.mark.parametrize("preset,T", [("vicuna-7b", 618), ("llama3-8b", 618), ("phi-1.5", 65)])
 def test_llm_counted_equals_analytic(preset, T):
     counted, analytic = flops.llm_case(LLMConfig.preset(preset), T)  # SwiGLU / GQA / GELU+parallel, meta device
     assert close(counted, analytic), (counted, analytic)
@@ -92,7 +92,8 @@ def test_pheye_ratios():
         assert abs(r["rel"]) < 0.01, r
     # Eq. (4) at I = 1 against a hand count: 65 text tokens, 2305 image tokens, D = 2048, D_vit = 1280
     D, T, N = 2048, 65, 2305
-    assert flops.pheye_eq4(T, N, D, 1280, 1) == 12 * T * D * D + D * T * T + 2 * N * 1280 * D + 10 * T * D * D + D * T * N
+    hand = 12 * T * D * D + D * T * T + 2 * N * 1280 * D + 10 * T * D * D + D * T * N
+    assert flops.pheye_eq4(T, N, D, 1280, 1) == hand
 
 
 def test_conventions():
