@@ -129,9 +129,8 @@ def vit_layer(n, width, mlp_dim, lora_rank=0, sdpa=True):
 def patch_embed(image_size, patch_size, width, lora_rank=0):
     """Conv(3 -> D, kernel = stride = p): 3p^2 D MACs per patch; LoRA (conv to r channels, then 1x1 to D) adds
     (3p^2 + D) r per patch."""
-    n = (image_size // patch_size) ** 2
-    return linear(n, 3 * patch_size ** 2, width) + (linear(n, 3 * patch_size ** 2 + width, lora_rank) if lora_rank
-                                                    else Cost())
+    n, k = (image_size // patch_size) ** 2, 3 * patch_size ** 2
+    return linear(n, k, width) + (linear(n, k + width, lora_rank) if lora_rank else Cost())
 
 
 def vit_layers_run(layers, layer=-1):
@@ -159,7 +158,7 @@ def lm_layer(T, lm, S=None):
     """One decoder layer on T tokens attending to S (= T in prefill): Pheye Eq. (3) with grouped-query attention
     (k, v project to n_kv_head heads), a SwiGLU (3 matrices: gate, up, down) or GELU (2) MLP. Norms are left
     out: LLaMA's RMSNorm has no fvcore handle, Phi's LayerNorm would add < 0.1%."""
-    d, hd = lm.d_model, lm.d_model // lm.n_head
+    d, hd = lm.d_model, getattr(lm, "hd", None) or lm.d_model // lm.n_head  # LLMConfig.hd (head_dim)
     S = T if S is None else S
     qkvo = linear(T, d, lm.n_head * hd) * 2 + linear(T, d, lm.n_kv_head * hd) * 2
     mlp = linear(T, d, lm.d_ff) * (3 if lm.mlp == "swiglu" else 2)
@@ -216,7 +215,9 @@ def projector(tokens, d_in, d_lm):
 def llava(vit_cfg="vit-l-14-336", lm="vicuna-7b", text_tokens=None, vit_sdpa=False, extra_width=0,
           vit_calls=1, extra=Cost(), head_tokens=None):
     """LLaVA-1.5 first token = ViT (to layer -2) + projector + LM prefill over image + text tokens.
-    S2 and HIRE are LLaVA-1.5 with more ViT calls / an enricher and a wider projector input (extra_width)."""
+    S2 and HIRE are LLaVA-1.5 with more ViT calls / an enricher and a wider projector input (extra_width).
+    vit_sdpa=False: the ViT's attention written as matmuls, as HF CLIP was in 2024 (fvcore saw it); vit.py uses
+    SDPA (True). The LM's attention is SDPA either way (transformers' LLaMA default since 4.36)."""
     c, lm_ = vit_shape(vit_cfg), lm_shape(lm)
     text = TEXT_TOKENS if text_tokens is None else text_tokens
     n_img = vit_tokens(c)
