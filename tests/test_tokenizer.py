@@ -59,7 +59,7 @@ def sp_dir(tmp_path_factory):
     return d
 
 
-def hf_llama(path, monkeypatch):
+def hf_llama(path, monkeypatch, user=("<|start_header_id|>", "<|eot_id|>"), **kwargs):
     """transformers' LlamaTokenizer read from tokenizer.model. transformers parses the model with protobuf, which
     is not installed here, so we hand its SentencePieceExtractor the same fields read through sentencepiece."""
     import transformers.convert_slow_tokenizer as convert
@@ -67,7 +67,6 @@ def hf_llama(path, monkeypatch):
 
     def extractor_init(self, model_file):
         sp = spm.SentencePieceProcessor(model_file=model_file)
-        user = {"<|start_header_id|>", "<|eot_id|>"}
 
         def kind(i):  # sentencepiece_model.proto: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
             return (2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
@@ -80,7 +79,7 @@ def hf_llama(path, monkeypatch):
                                            normalizer_spec=types.SimpleNamespace(precompiled_charsmap=b""))
 
     monkeypatch.setattr(convert.SentencePieceExtractor, "__init__", extractor_init)
-    return LlamaTokenizer.from_pretrained(path)
+    return LlamaTokenizer.from_pretrained(path, **kwargs)
 
 
 def test_sentencepiece_matches_transformers_llama(sp_dir, monkeypatch):
@@ -293,3 +292,26 @@ def test_errors(tmp_path, sp_dir):
     (tmp_path / "merges.txt").write_text("a b\n")
     with pytest.raises(ValueError, match=r"merge 'a' \+ 'b' makes 'ab', which is not in the vocabulary"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_sentencepiece_like_tiny_tokenizer(tmp_path, monkeypatch):
+    """The layout of data.build_tiny_tokenizer: no dummy prefix, no byte fallback, <pad>=3 inside the model,
+    chat markers and "\\n" as user-defined pieces."""
+    markers = ["<|start_header_id|>", "<|eot_id|>"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_prefix=str(tmp_path / "tokenizer"), vocab_size=300, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=markers + ["\n"], character_coverage=1.0,
+        byte_fallback=False, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True, minloglevel=2, num_threads=1)
+    write_json(tmp_path / "tokenizer_config.json", {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    tok, sp = Tokenizer.from_pretrained(tmp_path), spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, 300)
+    assert tok.special == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, markers[0]: 4, markers[1]: 5, "\n": 6}
+    hf = hf_llama(tmp_path, monkeypatch, user=markers + ["\n"], add_prefix_space=False)
+    texts = [t for t in TEXTS + LEADING + corpus(100, seed=7) if 0 not in tok.encode(t)]   # no byte fallback:
+    assert len(texts) > 100 and tok.encode("Hello") == sp.encode("Hello") and 0 in tok.encode("Hello")  # unseen->unk
+    for t in texts:
+        ids = tok.encode(t)
+        assert ids == hf.encode(t, add_special_tokens=False), t
+        assert tok.decode(ids) == hf.decode(ids) == sp.decode(ids), t      # no leading space is stripped
+    assert tok.decode([1, *tok.encode(" hi")]) == "<s> hi"
