@@ -401,13 +401,13 @@ class LLM(nn.Module):
                                        (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                                        if keys))
         state = {}
-        by_file = {}
         for k in expected:
-            by_file.setdefault(found[k][0], []).append(k)
-        for file, keys in by_file.items():
-            with safe_open(file, "pt") as f:
-                for k in keys:
-                    state.update(_from_hf(config, k, f.get_tensor(found[k][1]).to(dtype)))
+            # safetensors hands out tensors backed by a memory map of the whole file, whose pages stay resident
+            # while it is open: copy each tensor into its own memory in the target dtype and close the file
+            # again, so peak RAM is the loaded model plus one tensor (and weights never alias the file on disk)
+            with safe_open(found[k][0], "pt") as f:
+                t = f.get_tensor(found[k][1]).to(dtype, copy=True)
+            state.update(_from_hf(config, k, t))
         if config.tie_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
@@ -424,7 +424,9 @@ class LLM(nn.Module):
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         state = {k: t.detach().contiguous().cpu() for k, t in _to_hf(self.config, self.state_dict()).items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        tmp = os.path.join(path, "model.safetensors.tmp")  # write then rename: a kill leaves no half file
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, "model.safetensors"))
 
 
 # HF key layout per family: the model's prefix, and our module path -> HF module path (whole dotted segments).
