@@ -1,0 +1,633 @@
+"""
+Data for nanoHiRes: images, conversations, chat templates, datasets, and the synthetic fine-detail set.
+
+    images         load_image: EXIF orientation, any PIL mode to RGB, LLaVA's pad-to-square, resize, CLIP norm
+    conversations  tokenize_conversation: vicuna_v1 (LLaVA-1.5, HIRE), llama3 (INF-LLaVA), pheye, plain;
+                   labels supervise only the assistant's answers and their end-of-turn token
+    datasets       LlavaJsonDataset (LLaVA JSON + image folder), SyntheticDataset (rendered on the fly), collate
+    tokenizer      build_tiny_tokenizer: a 512-piece SentencePiece BPE trained on the synthetic corpus
+
+    python data.py --out DIR --n N       # writes the synthetic set as a LLaVA-format folder
+"""
+import argparse
+import io
+import json
+import logging
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+log = logging.getLogger("nanohires.data")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN = "<image>"
+IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX: one position the model expands into its image tokens
+IGNORE = -100     # label of every token that is not supervised
+MAX_PIXELS = 89_478_485   # PIL's own decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, sample, field or turn."""
+
+
+# ----------------------------------------------------------------------------- images
+def _to_rgb(im, name):
+    """Any PIL mode to RGB. Transparency is composited on the CLIP mean colour (what padding uses too), so a
+    transparent region reads as the normalised zero, not as whatever colour happens to sit under alpha 0."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16/32-bit greyscale: rescale to 8 bits
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        back = Image.new("RGBA", im.size, tuple(round(255 * m) for m in CLIP_MEAN) + (255,))
+        im = Image.alpha_composite(back, im)
+    if im.mode != "RGB":
+        try:
+            im = im.convert("RGB")   # L, 1, P, CMYK, YCbCr, LAB, HSV
+        except ValueError as e:
+            raise DataError(f"image {name}: cannot convert mode {im.mode} to RGB ({e})") from None
+    return im
+
+
+def expand2square(im, colour):
+    """LLaVA-1.5's pad-to-square: the image centred on a square canvas of the CLIP mean colour."""
+    w, h = im.size
+    if w == h:
+        return im
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), colour)
+    out.paste(im, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def open_image(path_or_pil, max_pixels=MAX_PIXELS):
+    """An RGB PIL image with its EXIF orientation applied. Errors name the file: missing, not an image,
+    truncated, or larger than max_pixels (a decompression bomb: checked from the header, before decoding)."""
+    if isinstance(path_or_pil, Image.Image):
+        im, name = path_or_pil, "<PIL image>"
+    else:
+        name = str(path_or_pil)
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"image file not found: {name}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(name)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DataError(f"image {name}: decompression bomb refused ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"image {name}: not a readable image ({e})") from None
+    if im.width * im.height > max_pixels:
+        raise DataError(f"image {name}: decompression bomb refused: {im.width}x{im.height} = "
+                        f"{im.width * im.height} pixels > max_pixels {max_pixels}")
+    try:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"image {name}: corrupt or truncated ({e})") from None
+    return _to_rgb(im, name)
+
+
+def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS):
+    """(3, size, size) float32, CLIP-normalised. pad_square: LLaVA's pad to square with the mean colour, else a
+    plain (aspect-changing) resize as INF-LLaVA and Pheye do. Bicubic, as CLIP's preprocessing."""
+    im = open_image(path_or_pil, max_pixels)
+    if pad_square:
+        im = expand2square(im, tuple(round(255 * m) for m in CLIP_MEAN))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+# ----------------------------------------------------------------------------- chat templates
+# LLaVA-1.5 conv_vicuna_v1 (sep " ", sep2 "</s>"): "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# LLaVA-NeXT's conv_llava_llama_3 system prompt (the LLaMA-3 LLaVA recipe INF-LLaVA trains with)
+LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                 "that the user provides, and assist the user with a variety of tasks using natural language.")
+# Pheye release (miguelscarv/pheye generate.py): f"{SYSTEM_PROMPT}\n\nInstruction: {prompt}\nOutput:"
+PHEYE_SYSTEM = ("You are an AI visual assistant and you are seeing a single image. You will receive an instruction "
+                "regarding that image. Your goal is to follow the instruction as faithfully as you can.")
+TEMPLATES = ("vicuna_v1", "llama3", "pheye", "plain")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def check_turns(turns, where="conversation"):
+    """Turns must be dicts {"from": human|gpt, "value": str}, alternating and starting with the human."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns, got {turns!r:.80}")
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise DataError(f"{where}, turn {j}: needs a string 'value', got {t!r:.80}")
+        role = ROLES.get(t.get("from"))
+        if role is None:
+            raise DataError(f"{where}, turn {j}: unknown role 'from'={t.get('from')!r} "
+                            f"(expected one of {sorted(ROLES)})")
+        if role != ("user", "assistant")[j % 2]:
+            raise DataError(f"{where}, turn {j}: turns must alternate human/gpt starting with human, "
+                            f"got {t.get('from')!r}")
+
+
+def _special(tok, s):
+    if s not in tok.special:
+        raise DataError(f"the tokenizer has no special token {s!r} that this template needs")
+    return tok.special[s]
+
+
+def tokenize_conversation(tok, turns, template, where="conversation"):
+    """LLaVA-format turns -> (ids, labels), two lists of equal length. "<image>" becomes one IMAGE_ID position
+    (vicuna_v1, llama3, plain; added at the start of the first human turn if absent; Pheye has no placeholder,
+    its images enter by cross-attention). labels = ids on the assistant answers and their end-of-turn token,
+    IGNORE elsewhere. A final human turn without answer ends the ids with the assistant's prompt (for
+    generation). Segments are tokenised separately, so an answer's tokens never merge with the prompt's."""
+    if template not in TEMPLATES:
+        raise DataError(f"unknown chat template {template!r} (one of {', '.join(TEMPLATES)})")
+    check_turns(turns, where)
+    texts = [t["value"] for t in turns]
+    n_img = sum(s.count(IMAGE_TOKEN) for s in texts)
+    if n_img > 1 or any(IMAGE_TOKEN in s for s in texts[1:]):
+        raise DataError(f"{where}: '{IMAGE_TOKEN}' must appear at most once, in the first human turn")
+    if template == "pheye":
+        texts[0] = texts[0].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()
+    elif n_img == 0:
+        texts[0] = IMAGE_TOKEN + "\n" + texts[0]
+    ids, labels = [], []
+
+    def add(piece, supervised=False):   # piece: text (may hold <image>) or a token id
+        if isinstance(piece, int):
+            new = [piece]
+        else:
+            new = []
+            for k, chunk in enumerate(piece.split(IMAGE_TOKEN)):
+                new += ([IMAGE_ID] if k else []) + (tok.encode(chunk) if chunk else [])
+        ids.extend(new)
+        labels.extend(new if supervised else [IGNORE] * len(new))
+
+    eos = tok.eos_id
+    if template == "plain":   # LLaVA pretraining: image, caption, end; the human text is not used
+        if len(texts) != 2:
+            raise DataError(f"{where}: the plain template takes one human + one gpt turn, got {len(texts)} turns")
+        if tok.bos_id is not None:
+            add(tok.bos_id)
+        add(IMAGE_ID)
+        add(texts[1], True), add(eos, True)
+        return ids, labels
+    if template == "vicuna_v1":
+        if tok.bos_id is not None:
+            add(tok.bos_id)
+        add(VICUNA_SYSTEM + " ")
+        for j in range(0, len(texts), 2):
+            add(f"USER: {texts[j]} ASSISTANT:")
+            if j + 1 < len(texts):
+                add(" " + texts[j + 1], True), add(eos, True)
+    elif template == "llama3":
+        begin, eot = _special(tok, "<|begin_of_text|>"), _special(tok, "<|eot_id|>")
+        start, end = _special(tok, "<|start_header_id|>"), _special(tok, "<|end_header_id|>")
+        header = lambda role: (add(start), add(role), add(end), add("\n\n"))
+        add(begin), header("system"), add(LLAMA3_SYSTEM), add(eot)
+        for j in range(0, len(texts), 2):
+            header("user"), add(texts[j]), add(eot), header("assistant")
+            if j + 1 < len(texts):
+                add(texts[j + 1], True), add(eot, True)
+    else:   # pheye: no BOS (Phi-1.5's tokenizer adds none); later rounds repeat Instruction/Output
+        for j in range(0, len(texts), 2):
+            add((PHEYE_SYSTEM + "\n\n" if j == 0 else "\n\n") + f"Instruction: {texts[j]}\nOutput:")
+            if j + 1 < len(texts):
+                add(" " + texts[j + 1], True), add(eos, True)
+    return ids, labels
+
+
+def truncate(ids, labels, max_len, where="sample"):
+    """Cut to max_len tokens (the image counts as one), warning with how many answers lost tokens.
+    Returns (ids, labels, truncated?). Cutting the image itself is an error: the model needs it."""
+    if max_len is None or len(ids) <= max_len:
+        return ids, labels, False
+    if IMAGE_ID in ids and ids.index(IMAGE_ID) >= max_len:
+        raise DataError(f"{where}: max_len={max_len} would cut the image placeholder at position "
+                        f"{ids.index(IMAGE_ID)}")
+    starts = [i for i, y in enumerate(labels) if y != IGNORE and (i == 0 or labels[i - 1] == IGNORE)]
+    cut = sum(_span_end(labels, s) > max_len for s in starts)   # answers that run past the limit
+    warnings.warn(f"{where}: {len(ids)} tokens > max_len={max_len}, truncated; {cut} of {len(starts)} "
+                  f"answers lose tokens" + (" (no supervised token left)" if all(s >= max_len for s in starts)
+                                            else ""), stacklevel=2)
+    return ids[:max_len], labels[:max_len], True
+
+
+def _span_end(labels, s):
+    e = s
+    while e < len(labels) and labels[e] != IGNORE:
+        e += 1
+    return e
+
+
+# ----------------------------------------------------------------------------- batches
+def collate(batch, pad_id, left=False):
+    """[(pixels, ids, labels), ...] -> {"pixels" (B,3,S,S), "ids" (B,T), "labels" (B,T), "mask" (B,T)}.
+    Right padding (training); left=True pads on the left (batched generation). Padding: pad_id, IGNORE, 0."""
+    T = max(len(b[1]) for b in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, (_, x, y) in enumerate(b[:3] for b in batch):
+        sl = slice(T - len(x), T) if left else slice(0, len(x))
+        ids[i, sl], labels[i, sl], mask[i, sl] = torch.tensor(x), torch.tensor(y), 1
+    return {"pixels": torch.stack([b[0] for b in batch]), "ids": ids, "labels": labels, "mask": mask}
+
+
+def pad_id_of(tok):
+    return next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
+
+
+def count_targets(labels):
+    """Tokens the loss counts: the model predicts labels[:, 1:] from the positions before them."""
+    return (labels[..., 1:] != IGNORE).sum()
+
+
+def answer_text(tok, ids):
+    """A generated row of ids -> its text, up to the first end-of-turn token (eos or <|eot_id|>)."""
+    stops = {tok.eos_id, tok.special.get("<|eot_id|>"), tok.pad_id} - {None}
+    ids = list(ids)
+    end = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tok.decode(ids[:end]).strip()
+
+
+def normalize_answer(s):
+    """Exact-match comparison key: lower case, no surrounding blanks or final full stop."""
+    return s.strip().lower().rstrip(".").strip()
+
+
+class _Samples(torch.utils.data.Dataset):
+    """What both datasets share: record(i) + image(i) -> (pixels, ids, labels); collate; qa_set.
+    Picklable (no lambdas, no open files): DataLoader workers get a copy."""
+
+    def _init(self, tok, template, image_size, pad_square, max_len):
+        self.tok, self.template, self.image_size = tok, template, image_size
+        self.pad_square, self.max_len, self.n_truncated = pad_square, max_len, 0
+        self.max_pixels = MAX_PIXELS
+        if template not in TEMPLATES:
+            raise DataError(f"unknown chat template {template!r} (one of {', '.join(TEMPLATES)})")
+
+    def sample(self, i, prompt_only=False):
+        """(pixels, ids, labels, record) of sample i; prompt_only drops the last answer (for generation)."""
+        rec = self.record(i)
+        where = f"sample {i} (id {rec.get('id')!r})"
+        turns = rec["conversations"][:-1] if prompt_only else rec["conversations"]
+        ids, labels = tokenize_conversation(self.tok, turns, self.template, where)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids, labels, cut = truncate(ids, labels, self.max_len, where)
+        if cut:   # counted per process (each DataLoader worker counts its own)
+            self.n_truncated += 1
+            warnings.warn(f"{caught[0].message} [{self.n_truncated} truncated so far]", stacklevel=2)
+        return load_image(self.image(i), self.image_size, self.pad_square, self.max_pixels), ids, labels, rec
+
+    def __getitem__(self, i):
+        return self.sample(i)[:3]
+
+    def collate(self, batch):
+        return collate(batch, pad_id_of(self.tok))
+
+    def qa_set(self, n):
+        """The first n samples as generation prompts: the conversation minus its last answer."""
+        return QASet(self, min(n, len(self)))
+
+
+class QASet(torch.utils.data.Dataset):
+    """Items (pixels, prompt ids, question, answer, detail); collate left-pads for batched generation and adds
+    the lists "question", "answer", "detail" (the detail-size bucket, or None)."""
+
+    def __init__(self, base, n):
+        self.base, self.n = base, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        pixels, ids, _, rec = self.base.sample(i, prompt_only=True)
+        turns = rec["conversations"]
+        question = turns[-2]["value"].replace(IMAGE_TOKEN, "").strip()
+        return pixels, ids, [IGNORE] * len(ids), question, turns[-1]["value"], rec.get("detail")
+
+    def collate(self, batch):
+        out = collate(batch, pad_id_of(self.base.tok), left=True)
+        out.update(question=[b[3] for b in batch], answer=[b[4] for b in batch], detail=[b[5] for b in batch])
+        return out
+
+
+# ----------------------------------------------------------------------------- LLaVA JSON datasets
+def read_llava_json(path):
+    """The records of a LLaVA-format JSON file: [{"id", "image", "conversations": [{"from", "value"}, ...]}]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
+    return records
+
+
+class LlavaJsonDataset(_Samples):
+    """A LLaVA-format JSON file + image folder. Records are checked when the dataset is built (structure, roles,
+    image file present) and images when read; skip_bad=True skips bad ones with a logged count instead of
+    raising. split: None (all records), "train" (all but every val_every-th), "val"/"test" (every
+    val_every-th record, at most n of them)."""
+
+    def __init__(self, path, tok, template="vicuna_v1", image_size=64, pad_square=True, max_len=None,
+                 image_dir=None, skip_bad=False, split=None, n=None, val_every=50, max_pixels=MAX_PIXELS):
+        self._init(tok, template, image_size, pad_square, max_len)
+        self.path, self.skip_bad, self.max_pixels = path, skip_bad, max_pixels
+        self.image_dir = image_dir or os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"image folder not found: {self.image_dir}")
+        records = read_llava_json(path)
+        if split in ("val", "test"):
+            records = [r for k, r in enumerate(records) if k % val_every == val_every - 1][:n]
+        elif split == "train":
+            records = [r for k, r in enumerate(records) if k % val_every != val_every - 1]
+        elif split is not None:
+            raise DataError(f"split={split!r}: expected None, 'train', 'val' or 'test'")
+        self.records, bad = [], []
+        for k, rec in enumerate(records):
+            try:
+                self._check(k, rec)
+                self.records.append(rec)
+            except (DataError, FileNotFoundError) as e:
+                if not skip_bad:
+                    raise
+                bad.append(str(e))
+        self.n_skipped = len(bad)
+        if bad:
+            log.warning("%s: skipped %d bad record(s) of %d, first: %s", path, len(bad), len(records), bad[0])
+        if not self.records:
+            raise DataError(f"{path}: empty dataset (split={split}, {len(records)} records, {len(bad)} bad)")
+
+    def _check(self, k, rec):
+        where = f"{self.path}: record {k} (id {rec.get('id') if isinstance(rec, dict) else None!r})"
+        if not isinstance(rec, dict) or "conversations" not in rec:
+            raise DataError(f"{where}: no 'conversations' field")
+        check_turns(rec["conversations"], where)
+        if not isinstance(rec.get("image"), str):
+            raise DataError(f"{where}: no 'image' field (every nanoHiRes sample has one image)")
+        if not os.path.isfile(os.path.join(self.image_dir, rec["image"])):
+            raise FileNotFoundError(f"{where}: image file not found: {os.path.join(self.image_dir, rec['image'])}")
+
+    def __len__(self):
+        return len(self.records)
+
+    def record(self, i):
+        return self.records[i]
+
+    def image(self, i):
+        return os.path.join(self.image_dir, self.records[i]["image"])
+
+    def sample(self, i, prompt_only=False):
+        for k in range(len(self)):   # skip_bad: a bad image hands over to the next sample
+            j = (i + k) % len(self)
+            try:
+                return super().sample(j, prompt_only)
+            except (DataError, OSError) as e:
+                if not self.skip_bad:
+                    raise
+                self.n_skipped += 1
+                log.warning("skipped sample %d (%d skipped so far): %s", j, self.n_skipped, e)
+        raise DataError(f"{self.path}: every sample is bad")
+
+
+# ----------------------------------------------------------------------------- the synthetic fine-detail set
+# A 3x3 grid of cells on a light background, rendered at RENDER = 384 px. Each cell may hold one item: a character
+# drawn in a 3x5 pixel font, a shape, or a group of dots, in one of three detail sizes. The scale s (canonical
+# pixels per font pixel) sets the size: "large" (s=12) keeps 2 px per font pixel in the 64-px low-resolution
+# view; "medium" (s=5) 0.83 px at 64 and 1.7 px at 128; "small" (s=4) 0.67 px at 64, 1.3 px at 128, 2 px at 192.
+# tests/test_data.py measures what pixel-level readers can still read at each resolution. Every question is
+# about one item; its size is the sample's "detail" (like Pheye's tertiles of relative answer area).
+RENDER = 384
+CELL = RENDER // 3
+SIZES = {"large": 12, "medium": 5, "small": 4}
+POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
+             "bottom left", "bottom middle", "bottom right")
+COLOURS = {"red": (205, 30, 30), "green": (20, 135, 45), "blue": (35, 60, 210), "purple": (125, 40, 165),
+           "orange": (225, 115, 0), "black": (25, 25, 25)}
+SHAPES = ("square", "circle", "triangle")
+FONT = {   # 3x5 bitmaps, rows top to bottom; every glyph touches all four sides of its box
+    "0": "###" "#.#" "#.#" "#.#" "###", "1": ".#." "##." ".#." ".#." "###", "2": "###" "..#" "###" "#.." "###",
+    "3": "###" "..#" "###" "..#" "###", "4": "#.#" "#.#" "###" "..#" "..#", "5": "###" "#.." "###" "..#" "###",
+    "6": "###" "#.." "###" "#.#" "###", "7": "###" "..#" ".#." ".#." "#..", "8": "###" "#.#" "###" "#.#" "###",
+    "9": "###" "#.#" "###" "..#" "###", "A": ".#." "#.#" "###" "#.#" "#.#", "C": "###" "#.." "#.." "#.." "###",
+    "E": "###" "#.." "###" "#.." "###", "H": "#.#" "#.#" "###" "#.#" "#.#", "L": "#.." "#.." "#.." "#.." "###",
+    "P": "###" "#.#" "###" "#.." "#..", "U": "#.#" "#.#" "#.#" "#.#" "###",
+}
+QUESTIONS = {"char": "What character is written in the {} cell?", "shape": "What shape is in the {} cell?",
+             "dots": "How many dots are in the {} cell?"}
+CAPTION_PROMPT = "Describe the image in detail."
+MARGIN = 8   # canonical pixels kept free at each cell border, so items never touch across cells
+
+
+def _item(rng, size):
+    """One item of a given detail size, placed at a random integer offset inside its cell (relative box)."""
+    s = SIZES[size]
+    kind = rng.choice(("char", "shape", "dots"))
+    item = {"kind": kind, "size": size, "colour": rng.choice(sorted(COLOURS))}
+    if kind == "char":
+        item["value"], (w, h) = rng.choice(sorted(FONT)), (3 * s, 5 * s)
+    elif kind == "shape":
+        item["value"], (w, h) = rng.choice(SHAPES), (4 * s, 4 * s)
+    else:   # n dots of diameter d = s on n random sites of a 3 x 3 lattice of pitch 2d (gaps of d)
+        n, d = rng.randint(1, 5), s
+        pts = [(2 * d * (j % 3), 2 * d * (j // 3)) for j in rng.sample(range(9), n)]
+        x0, y0 = min(p[0] for p in pts), min(p[1] for p in pts)
+        item["value"], item["dots"] = str(n), [(x - x0, y - y0) for x, y in pts]
+        w, h = max(p[0] for p in pts) - x0 + d, max(p[1] for p in pts) - y0 + d
+    item["offset"] = (rng.randint(MARGIN, CELL - MARGIN - w), rng.randint(MARGIN, CELL - MARGIN - h))
+    item["wh"] = (w, h)
+    return item
+
+
+def make_scene(rng, detail):
+    """A scene dict: background colour, 9 cells (an item or None), and the target cell whose item (of size
+    `detail`) the question asks about."""
+    cells = [_item(rng, rng.choice(sorted(SIZES))) if rng.random() < 0.8 else None for _ in POSITIONS]
+    target = rng.randrange(len(POSITIONS))
+    cells[target] = _item(rng, detail)
+    background = tuple(rng.randint(215, 250) for _ in range(3))
+    return {"background": background, "cells": cells, "target": target}
+
+
+def item_box(scene, k):
+    """Canonical (x0, y0, x1, y1) of the item in cell k."""
+    item = scene["cells"][k]
+    x = (k % 3) * CELL + item["offset"][0]
+    y = (k // 3) * CELL + item["offset"][1]
+    return x, y, x + item["wh"][0], y + item["wh"][1]
+
+
+def render(scene):
+    """The scene as a RENDER x RENDER RGB PIL image (hard-edged pixels: the detail is what resolution keeps)."""
+    im = Image.new("RGB", (RENDER, RENDER), scene["background"])
+    draw = ImageDraw.Draw(im)
+    for k, item in enumerate(scene["cells"]):
+        if item is None:
+            continue
+        x, y, x1, y1 = item_box(scene, k)
+        s, c = SIZES[item["size"]], COLOURS[item["colour"]]
+        if item["kind"] == "char":
+            for j, bit in enumerate(FONT[item["value"]]):
+                if bit == "#":
+                    px, py = x + (j % 3) * s, y + (j // 3) * s
+                    draw.rectangle((px, py, px + s - 1, py + s - 1), fill=c)
+        elif item["value"] == "square":
+            draw.rectangle((x, y, x1 - 1, y1 - 1), fill=c)
+        elif item["value"] == "circle":
+            draw.ellipse((x, y, x1 - 1, y1 - 1), fill=c)
+        elif item["value"] == "triangle":
+            draw.polygon(((x + (x1 - x - 1) / 2, y), (x1 - 1, y1 - 1), (x, y1 - 1)), fill=c)
+        else:
+            for dx, dy in item["dots"]:
+                draw.ellipse((x + dx, y + dy, x + dx + s - 1, y + dy + s - 1), fill=c)
+    return im
+
+
+def describe(item):
+    what = {"char": f"character {item['value']}", "shape": item["value"],
+            "dots": f"group of {item['value']} dot{'s' * (item['value'] != '1')}"}[item["kind"]]
+    return f"{item['size']} {item['colour']} {what}"
+
+
+def caption(scene):
+    """Every item, cell by cell: what a captioning stage learns to say (details of every size)."""
+    parts = [f"{POSITIONS[k]}: {describe(it)}." for k, it in enumerate(scene["cells"]) if it is not None]
+    return "A 3 by 3 grid. " + " ".join(parts)
+
+
+def synthetic_record(seed, split, i, task="qa"):
+    """Sample i of a split: (LLaVA record, scene). Deterministic in (seed, split, i); splits use disjoint seed
+    streams. The detail size cycles large/medium/small so every split is balanced by size."""
+    if split not in ("train", "val", "test"):
+        raise DataError(f"synthetic split={split!r}: expected 'train', 'val' or 'test'")
+    if task not in ("qa", "caption"):
+        raise DataError(f"synthetic task={task!r}: expected 'qa' or 'caption'")
+    rng = random.Random(f"nanohires-synthetic-{seed}-{split}-{i}")   # str seeds hash with sha512: stable
+    detail = tuple(SIZES)[i % len(SIZES)]
+    scene = make_scene(rng, detail)
+    k, item = scene["target"], scene["cells"][scene["target"]]
+    if task == "qa":
+        question, answer = QUESTIONS[item["kind"]].format(POSITIONS[k]), item["value"]
+    else:
+        question, answer = CAPTION_PROMPT, caption(scene)
+    box = item_box(scene, k)
+    rec = {"id": f"synthetic-{seed}-{split}-{i:06d}", "image": f"images/{split}-{i:06d}.png",
+           "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                             {"from": "gpt", "value": answer}],
+           "detail": detail, "kind": item["kind"], "cell": POSITIONS[k], "box": list(box),
+           "area": round((box[2] - box[0]) * (box[3] - box[1]) / RENDER ** 2, 6)}
+    return rec, scene
+
+
+class SyntheticDataset(_Samples):
+    """The default dataset: n samples rendered on the fly, deterministic in (seed, split, i), no downloads.
+    task "qa" (one question per image, answer needs the item's detail) or "caption" (all items)."""
+
+    def __init__(self, tok, n=1000, split="train", seed=0, template="vicuna_v1", image_size=64, pad_square=True,
+                 max_len=None, task="qa"):
+        self._init(tok, template, image_size, pad_square, max_len)
+        if n < 1:
+            raise DataError(f"synthetic dataset: empty (n={n})")
+        synthetic_record(seed, split, 0, task)   # validates split and task now, not in a worker
+        self.n, self.split, self.seed, self.task = n, split, seed, task
+
+    def __len__(self):
+        return self.n
+
+    def record(self, i):
+        return synthetic_record(self.seed, self.split, i, self.task)[0]
+
+    def image(self, i):
+        return render(synthetic_record(self.seed, self.split, i, self.task)[1])
+
+
+def write_synthetic(out, n, split="train", seed=0, task="qa"):
+    """Write the synthetic set as a LLaVA-format folder: out/data.json + out/images/*.png (lossless)."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    records = []
+    for i in range(n):
+        rec, scene = synthetic_record(seed, split, i, task)
+        render(scene).save(os.path.join(out, rec["image"]))
+        records.append(rec)
+    path = os.path.join(out, "data.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def make_dataset(data, tok, template, image_size, pad_square, max_len=None, split="train", n=1000, seed=0,
+                 image_dir=None, skip_bad=False, task=None):
+    """train.py's entry: "synthetic" (task: captions for the plain template, else QA) or a LLaVA JSON path."""
+    if data == "synthetic":
+        task = task or ("caption" if template == "plain" else "qa")
+        return SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=image_size,
+                                pad_square=pad_square, max_len=max_len, task=task)
+    return LlavaJsonDataset(data, tok, template=template, image_size=image_size, pad_square=pad_square,
+                            max_len=max_len, image_dir=image_dir or None, skip_bad=skip_bad, split=split,
+                            n=n if split != "train" else None)
+
+
+# ----------------------------------------------------------------------------- the tiny tokenizer
+TINY_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def tiny_corpus(n=3000):
+    """Lines of text the tiny tokenizer is trained on: synthetic questions, answers, captions, the templates'
+    fixed text, and every printable ASCII character (so any plain text encodes without <unk>)."""
+    lines = [VICUNA_SYSTEM, LLAMA3_SYSTEM, PHEYE_SYSTEM, "USER: ASSISTANT: Instruction: Output: system user assistant",
+             "".join(chr(c) for c in range(33, 127)), CAPTION_PROMPT]
+    for i in range(n):
+        rec, scene = synthetic_record(0, "train", i)
+        lines += [rec["conversations"][0]["value"].replace(IMAGE_TOKEN + "\n", ""), caption(scene)]
+    return lines
+
+
+def build_tiny_tokenizer(dir):
+    """SentencePiece BPE, exactly 512 pieces, trained deterministically (one thread, no sampling) on the
+    synthetic corpus: <unk>=0 <s>=1 </s>=2 <pad>=3, then the LLaMA-3 header/turn tokens and "\\n" as
+    user-defined pieces. Writes dir/tokenizer.model and dir/tokenizer_config.json; returns dir."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_corpus()), model_writer=model, model_type="bpe", vocab_size=512,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=TINY_SPECIALS + ["\n"],
+        character_coverage=1.0, byte_fallback=False, normalization_rule_name="identity",
+        add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True, num_threads=1,
+        input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    os.makedirs(dir, exist_ok=True)
+    with open(os.path.join(dir, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + TINY_SPECIALS
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "model_max_length": 512,
+              "added_tokens_decoder": {str(i): {"content": s, "special": True} for i, s in enumerate(specials)}}
+    with open(os.path.join(dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return dir
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Write the synthetic fine-detail set as a LLaVA-format folder.")
+    p.add_argument("--out", required=True, help="output folder (data.json + images/)")
+    p.add_argument("--n", type=int, default=1000, help="number of samples")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default="qa", choices=("qa", "caption"))
+    a = p.parse_args()
+    print(f"wrote {a.n} samples to {write_synthetic(a.out, a.n, a.split, a.seed, a.task)}")
