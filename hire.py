@@ -1,0 +1,560 @@
+"""
+HIRE (Aradhya et al., "Lightweight High-Resolution Image Feature Enrichment for Multimodal LLMs") and the two
+models it measures itself against, in one class: LLaVA-1.5 (enricher="none"), LLaVA-1.5-S2 (enricher="s2") and
+LLaVA-1.5-HIRE (enricher="hire").
+
+    python hire.py --image cat.jpg --prompt "What is in the image?" [--ckpt out/hire/ckpt]
+
+HIRE has no public code. Where the paper is silent we follow LLaVA-1.5 (projector, splice, recipe), FeatUp's
+JBULearnedRange (the enriching layer) and S2's s2wrapper (the baseline), and say so in a comment.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+import data
+import vit as vitlib
+from data import IGNORE, IMAGE_ID
+from llm import LLM, LLMConfig
+from vit import ViT, ViTConfig
+
+
+@dataclass
+class HIREConfig:
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig.preset("clip-vit-l-14-336"))
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig.preset("vicuna-7b"))
+    # Side of the square pixels forward() takes. For "hire" the high-res I of Eq. (1) (a multiple of the ViT
+    # size); resolve_config sets it to the ViT size for "none" and to max(s2_scales) for "s2" (LLaVA-S2 feeds
+    # its largest scale), so a preset switches variants with the one field `enricher`.
+    image_size: int = 672
+    pad_square: bool = True  # LLaVA-1.5 pads to square with the CLIP mean colour (data.load_image)
+    template: str = "vicuna_v1"  # instruction-stage chat template (data.tokenize_conversation)
+    vit_path: str | None = None
+    llm_path: str | None = None
+    enricher: str = "hire"  # "hire" | "s2" | "none"
+    vit_layer: int = -2  # LLaVA-1.5: penultimate ViT layer, class token dropped
+    s2_scales: list[int] = field(default_factory=lambda: [336, 672, 1008])
+    # the enricher (Sec. 2.2); sizes chosen to land on the paper's ~0.25 M parameters for any ViT width
+    unet_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 64, 64])  # encoder at 1 .. 1/16
+    guide_dim: int = 32  # UNet decoder width = guidance channels of every JBU layer
+    jbu_layers: int = 5
+    jbu_radius: int = 3  # FeatUp: 7x7 kernels
+    jbu_key_dim: int = 32  # FeatUp
+    jbu_dropout: float = 0.1  # FeatUp's Dropout2d in the range and fix-up projections
+    jbu_chunk: int = 64  # channels pushed through the JBU stack at a time (memory, not maths)
+
+    @staticmethod
+    def preset(name: str) -> "HIREConfig":
+        qwen7b = dataclasses.replace(  # Qwen2-7B: the paper's "LLaVA1.5-7B-Qwen" LM; its HF config wins on load
+            LLMConfig.preset("qwen2-0.5b"), vocab_size=152064, d_model=3584, n_layer=28, n_head=28, n_kv_head=4,
+            d_ff=18944, tie_embeddings=False)
+        presets = {
+            "paper": lambda: HIREConfig(),  # CLIP-L/336 + Vicuna-7B-v1.5, I at 672 (Table 3)
+            "paper-1008": lambda: HIREConfig(image_size=1008),  # Table 1's 1008 row
+            "qwen": lambda: HIREConfig(llm=qwen7b),
+            # spec.md's shared tiny sizes: ViT 64 px, HIRE 128, S2 [64, 128, 192]. 4 JBU layers, not 5: they take
+            # E(i) (8 x 8) to 128 = the input size, as Eq. (1) says ("up to the original image size"); a 5th would
+            # run the kernels at 256 x 256, 4x the CPU time, for pixels I does not have
+            "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
+                                       s2_scales=[64, 128, 192], jbu_layers=4),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown HIRE preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]()
+
+    @staticmethod
+    def from_dict(d: dict) -> "HIREConfig":
+        d = dict(d)
+        d["vit"], d["llm"] = ViTConfig(**d["vit"]), LLMConfig(**d["llm"])
+        return HIREConfig(**d)
+
+
+# ----------------------------------------------------------------------------- the HIRE enricher
+class UNet(nn.Module):
+    """U of Eq. (2): an encoder of 5 stages at 1, 1/2, 1/4, 1/8, 1/16 of I and a decoder of the same depth with
+    skip connections back to full resolution. Its decoder maps, coarse to fine, guide the JBU layers.
+    The paper gives no widths; one 3x3 conv per stage keeps the whole enricher at its ~0.25 M parameters."""
+
+    def __init__(self, widths: list[int], guide_dim: int):
+        super().__init__()
+        chans = [3] + list(widths)
+        self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU()) for a, b in zip(chans, widths))
+        self.bottleneck = nn.Conv2d(widths[-1], guide_dim, 1)
+        self.up = nn.ModuleList(nn.Sequential(nn.Conv2d(guide_dim + w, guide_dim, 3, padding=1), nn.ReLU())
+                                for w in reversed(widths[:-1]))
+
+    def forward(self, image):
+        skips, x = [], image
+        for i, stage in enumerate(self.down):
+            x = stage(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        d = self.bottleneck(x)  # (B, G, S/16, S/16)
+        guides = [d]
+        for stage, skip in zip(self.up, reversed(skips[:-1])):
+            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            d = stage(torch.cat([d, skip], dim=1))
+            guides.append(d)
+        return guides  # 5 maps, S/16 ... S
+
+
+def apply_kernel(x, kernel, radius):
+    """out[b,c,h,w] = sum_{i,j} kernel[b, i*d+j, h, w] * reflect_pad(x)[b, c, h+i, w+j]  (FeatUp's AdaptiveConv).
+    Tap by tap: the unfolded (B, C, d*d, H, W) tensor is never built; autograd saves only views of the padded x."""
+    B, C, H, W = x.shape
+    d = 2 * radius + 1
+    xp = F.pad(x, [radius] * 4, mode="reflect")  # (B, C, H+2r, W+2r)
+    out = kernel[:, :1] * xp[:, :, :H, :W]
+    for t in range(1, d * d):
+        i, j = divmod(t, d)
+        out = out.addcmul_(kernel[:, t:t + 1], xp[:, :, i:i + H, j:j + W])
+    return out
+
+
+def pool_kernel(kernel, grid, radius):
+    """Fold an s x s average pool into the per-pixel kernel before it (s = H / h): pool(apply_kernel(x, k))[P] =
+    sum over the (s+2r)^2 window of block P in the padded x of the returned weights. (B, (s+2r)^2, h*w)."""
+    B, _, H, W = kernel.shape
+    (h, w), d = grid, 2 * radius + 1
+    s, L = H // h, H // h + 2 * radius
+    k = kernel.reshape(B, d, d, h, s, w, s).permute(0, 3, 5, 1, 2, 4, 6)  # (B, h, w, d, d, s, s)
+    # tap (i, j) of output pixel (y, x) of block P reads window position (i + y, j + x)
+    win = sum(F.pad(k[:, :, :, i, j], (j, L - s - j, i, L - s - i)) for i in range(d) for j in range(d))
+    return win.reshape(B, h * w, L * L).transpose(1, 2) / (s * s)  # (B, L*L, h*w), F.unfold's layout
+
+
+class JBU(nn.Module):
+    """One enriching layer of J (Eq. 3): FeatUp's JBULearnedRange. It doubles the feature resolution: features are
+    bicubic-upsampled to the guidance size, then each output pixel is a d x d weighted mean of its neighbours with
+    kernel = normalise(range(guidance) * spatial) + 0.1 * fixup(kernel, guidance)."""
+
+    def __init__(self, guide_dim: int, key_dim: int = 32, radius: int = 3, dropout: float = 0.1):
+        super().__init__()
+        self.radius, self.diameter = radius, 2 * radius + 1
+        taps = self.diameter ** 2
+        self.range_temp = nn.Parameter(torch.tensor(0.0))  # log temperature of the range softmax
+        self.sigma_spatial = nn.Parameter(torch.tensor(1.0))
+        self.range_proj = nn.Sequential(nn.Conv2d(guide_dim, key_dim, 1), nn.GELU(), nn.Dropout2d(dropout),
+                                        nn.Conv2d(key_dim, key_dim, 1))
+        self.fixup_proj = nn.Sequential(nn.Conv2d(guide_dim + taps, taps, 1), nn.GELU(), nn.Dropout2d(dropout),
+                                        nn.Conv2d(taps, taps, 1))
+
+    def spatial_kernel(self):
+        """(d*d,) Gaussian over offsets on a [-1, 1] grid, learned sigma."""
+        r = torch.linspace(-1, 1, self.diameter, device=self.sigma_spatial.device)
+        dist2 = (r[:, None] ** 2 + r[None, :] ** 2).flatten()  # tap t = i*d + j
+        return torch.exp(-dist2 / (2 * self.sigma_spatial ** 2))
+
+    def kernel(self, guide, fixup=True):
+        """(B, d*d, H, W) kernel for every output pixel of guidance `guide` (B, G, H, W)."""
+        B, _, H, W = guide.shape
+        r, d = self.radius, self.diameter
+        q = self.range_proj(guide)  # (B, K, H, W)
+        qp = F.pad(q, [r] * 4, mode="reflect")
+        # similarity of each pixel's key to its d*d neighbours', tap by tap (no (B, K, d*d, H, W) tensor)
+        sim = torch.stack([(qp[:, :, i:i + H, j:j + W] * q).sum(1) for i in range(d) for j in range(d)], 1)
+        temp = self.range_temp.exp().clamp(1e-4, 1e4)
+        k = F.softmax(temp * sim, dim=1) * self.spatial_kernel().view(1, -1, 1, 1).to(sim.dtype)
+        k = k / k.sum(1, keepdim=True).clamp_min(1e-7)  # joint bilateral kernel, sums to one
+        if fixup:
+            k = k + 0.1 * self.fixup_proj(torch.cat([k, guide], dim=1))
+        return k
+
+    def forward(self, x, guide):
+        """x (B, C, h, w) -> (B, C, H, W) at the guidance size."""
+        up = F.interpolate(x, size=guide.shape[-2:], mode="bicubic", align_corners=False)
+        return apply_kernel(up, self.kernel(guide), self.radius)
+
+
+class Enricher(nn.Module):
+    """E_enr of Eq. (1)-(4): pool(J(U(I), E(i))), returned at E(i)'s grid for the concat of Eq. (4).
+
+    J starts at E(i) (h x w) and doubles 5 times (24 -> 768 for CLIP-L); layer k is guided by the UNet decoder map
+    of the matching scale (the k-th of the finest `jbu_layers` maps), resized to its output size. FeatUp ends its
+    stack with a residual 1x1 conv over the C channels; we leave it out: after pooling it is a CxC linear map that
+    the projector's first Linear already spans, and at C = 1024 it alone would be 1 M of the paper's 0.25 M."""
+
+    def __init__(self, cfg: HIREConfig):
+        super().__init__()
+        if not 1 <= cfg.jbu_layers <= len(cfg.unet_widths):
+            raise ValueError(f"jbu_layers={cfg.jbu_layers} needs as many UNet decoder maps (unet_widths has "
+                             f"{len(cfg.unet_widths)})")
+        self.chunk = cfg.jbu_chunk
+        self.unet = UNet(cfg.unet_widths, cfg.guide_dim)
+        self.jbu = nn.ModuleList(JBU(cfg.guide_dim, cfg.jbu_key_dim, cfg.jbu_radius, cfg.jbu_dropout)
+                                 for _ in range(cfg.jbu_layers))
+
+    def guides(self, image, grid):
+        """The guidance of each JBU layer, resized to its output size (grid * 2^k)."""
+        maps = self.unet(image)[-len(self.jbu):]
+        h, w = grid
+        return [F.interpolate(g, size=(h << k, w << k), mode="bilinear", align_corners=False, antialias=True)
+                for k, g in enumerate(maps, start=1)]
+
+    def kernels(self, image, grid):
+        return [layer.kernel(g) for layer, g in zip(self.jbu, self.guides(image, grid))]
+
+    def propagate(self, x, kernels):
+        """pool(J(x)) with the kernels fixed. Every op acts on each channel alike, so channels go through the
+        stack `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps, not C of them.
+        The last layer never runs at full resolution: the average pool is folded into its kernel (pool_kernel)."""
+        h, w = x.shape[-2:]
+        r = self.jbu[0].radius
+        top = kernels[-1].shape[-2:]
+        folded = pool_kernel(kernels[-1], (h, w), r)  # (B, (s+2r)^2, h*w)
+
+        def stack(xc, folded, *ks):
+            for k in ks:
+                xc = F.interpolate(xc, size=k.shape[-2:], mode="bicubic", align_corners=False)
+                xc = apply_kernel(xc, k, r)
+            xc = F.interpolate(xc, size=top, mode="bicubic", align_corners=False)
+            s = top[0] // h
+            cols = F.unfold(F.pad(xc, [r] * 4, mode="reflect"), kernel_size=s + 2 * r, stride=s)
+            cols = cols.view(xc.shape[0], xc.shape[1], -1, h * w)  # (B, c, (s+2r)^2, h*w): each block's window
+            return torch.einsum("bclp,blp->bcp", cols, folded).view(*xc.shape[:2], h, w)
+
+        outs = []
+        for xc in x.split(self.chunk, dim=1):
+            if torch.is_grad_enabled() and x.shape[1] > self.chunk:
+                outs.append(checkpoint(stack, xc, folded, *kernels[:-1], use_reentrant=False))
+            else:
+                outs.append(stack(xc, folded, *kernels[:-1]))
+        return torch.cat(outs, dim=1)
+
+    def forward(self, image, feats, path="auto"):
+        """image (B, 3, S, S) = I; feats (B, C, h, w) = E(i). Returns pool(x_en) (B, C, h, w).
+
+        path "direct" runs the C feature channels through J. path "basis" uses that J and the pooling are linear
+        in E(i) once the guidance is fixed, with the same weights for every channel: pool(J(E))[c] = M E[c] with
+        M (h*w x h*w) the response to the h*w one-hot inputs. Exact, and cheaper when h*w < C (576 < 1024 for
+        CLIP-L). "auto" picks the cheaper."""
+        B, C, h, w = feats.shape
+        kernels = self.kernels(image, (h, w))
+        if path == "auto":
+            path = "basis" if h * w < C else "direct"
+        if path == "direct":
+            return self.propagate(feats, kernels)
+        if path != "basis":
+            raise ValueError(f"unknown enricher path {path!r}: 'direct', 'basis' or 'auto'")
+        N = h * w
+        eye = torch.eye(N, dtype=feats.dtype, device=feats.device).view(1, N, h, w).expand(B, N, h, w)
+        M = self.propagate(eye, kernels).flatten(2)  # (B, N_in, N_out): M[b, n, p] = response at p to one-hot n
+        return torch.einsum("bcn,bnp->bcp", feats.flatten(2), M).view(B, C, h, w)
+
+
+# ----------------------------------------------------------------------------- S2's crops
+def split_crops(x, n):
+    """(B, C, n*s, n*s) -> (n*n*B, C, s, s): crop (i, j) of image b at batch index (i*n + j)*B + b (s2wrapper's
+    chessboard order)."""
+    B, C, H, W = x.shape
+    s = H // n
+    x = x.view(B, C, n, s, n, s).permute(2, 4, 0, 1, 3, 5)  # (n, n, B, C, s, s)
+    return x.reshape(n * n * B, C, s, s)
+
+
+def merge_crops(x, n):
+    """Inverse of split_crops: (n*n*B, C, s, s) -> (B, C, n*s, n*s)."""
+    _, C, s, _ = x.shape
+    B = x.shape[0] // (n * n)
+    x = x.view(n, n, B, C, s, s).permute(2, 3, 0, 4, 1, 5)  # (B, C, n, s, n, s)
+    return x.reshape(B, C, n * s, n * s)
+
+
+# ----------------------------------------------------------------------------- the model
+def resolve_config(c: HIREConfig) -> HIREConfig:
+    """Check the variant's sizes and set c.image_size (in place) to the pixels its forward() takes: the ViT size
+    for "none", the largest scale for "s2" (LLaVA-S2 feeds that), the high-res I for "hire"."""
+    v = c.vit.image_size
+    if c.enricher not in ("hire", "s2", "none"):
+        raise ValueError(f"enricher={c.enricher!r}: expected 'hire', 's2' or 'none'")
+    if c.enricher == "none":
+        c.image_size = v
+    elif c.enricher == "s2":
+        bad = [s for s in c.s2_scales if s % v]
+        if not c.s2_scales or bad or c.s2_scales[0] != v:
+            raise ValueError(f"s2_scales={c.s2_scales}: each scale must be a multiple of the ViT size {v}, "
+                             f"the first being {v} itself (its grid is the output grid)")
+        c.image_size = max(c.s2_scales)
+    elif c.image_size % v or c.image_size < v:
+        raise ValueError(f"image_size={c.image_size} (HIRE's high-res input) is not a multiple of the ViT "
+                         f"image_size {v}")
+    return c
+
+
+class HIRE(nn.Module):
+    """LLaVA-1.5 with an optional feature enricher: "none" (LLaVA-1.5), "s2" (LLaVA-1.5-S2), "hire" (HIRE)."""
+
+    # Training recipe as data (paper Sec. 3: "exactly following the same hyperparameters as LLaVA-1.5"); train.py
+    # reads it. "train": part -> peak lr. No "template": the config's instruction template.
+    STAGES = {
+        # tiny presets only: build the small ViT + LM that the paper recipe then freezes (everything trains)
+        "base": {"train": {"vit": 1e-3, "llm": 1e-3, "projector": 1e-3, "enricher": 1e-3}},
+        # stage 1: projector + enricher, lr 1e-3 (LLaVA-1.5 pretraining), ViT and LLM frozen
+        "pretrain": {"template": "plain", "train": {"projector": 1e-3, "enricher": 1e-3}},
+        # stage 2: the same modules plus LoRA on the LLM's linears. LLaVA-1.5's LoRA script: r 128, alpha 256,
+        # dropout 0.05, lr 2e-4, mm_projector_lr 2e-5 (HIRE Table 4's best enricher lr is also 2e-5)
+        "finetune": {"train": {"projector": 2e-5, "enricher": 2e-5, "lora": 2e-4},
+                     "lora": {"rank": 128, "alpha": 256.0, "dropout": 0.05}},
+    }
+    LORA = "lora"  # the adapter's name inside the LLM
+
+    def __init__(self, config: HIREConfig, vit: ViT | None = None, llm: LLM | None = None):
+        super().__init__()
+        c = self.config = resolve_config(config)
+        self.vit = vit if vit is not None else ViT(c.vit)
+        self.llm = llm if llm is not None else LLM(c.llm)
+        self.enricher = Enricher(c) if c.enricher == "hire" else None
+        D = c.vit.width * {"none": 1, "hire": 2, "s2": len(c.s2_scales)}[c.enricher]  # Eq. (4): [E(i), pool(x_en)]
+        # LLaVA-1.5 mlp2x_gelu projector (keys mm_projector.0 / .2 there)
+        self.projector = nn.Sequential(nn.Linear(D, c.llm.d_model), nn.GELU(), nn.Linear(c.llm.d_model, c.llm.d_model))
+        self.vit.requires_grad_(False)
+        print(f"HIRE ({c.enricher}, {c.image_size} px): {self.describe()}")
+
+    # --- parameters -------------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        lora = vitlib.lora_parameters(self.llm)
+        lora_ids = {id(p) for p in lora}
+        parts = {"vit": list(self.vit.parameters()),
+                 "llm": [p for p in self.llm.parameters() if id(p) not in lora_ids],
+                 "projector": list(self.projector.parameters()),
+                 "enricher": list(self.enricher.parameters()) if self.enricher is not None else [],
+                 "lora": lora}
+        if self.enricher is not None:  # reported, not trained separately
+            parts["enricher.unet"] = list(self.enricher.unet.parameters())
+            parts["enricher.jbu"] = list(self.enricher.jbu.parameters())
+        return parts
+
+    def param_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in ps) for name, ps in self.parts().items()}
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {n / 1e6:.3f}M" for k, n in self.param_counts().items() if n)
+
+    def add_lora(self, rank, alpha, dropout=0.0):
+        """LoRA on every nn.Linear of the decoder blocks (LLaVA's find_all_linear_names minus the lm_head)."""
+        if vitlib.lora_parameters(self.llm, self.LORA):
+            return
+        targets = sorted({n.rpartition(".")[2] for n, m in self.llm.layers.named_modules() if isinstance(m, nn.Linear)})
+        vitlib.add_lora(self.llm.layers, targets, self.LORA, rank, alpha, dropout)
+        vitlib.set_adapter(self.llm, self.LORA)
+
+    def configure_stage(self, stage: str) -> list[dict]:
+        """Freeze everything, unfreeze (adding LoRA if the stage needs it) what `stage` trains; returns the
+        optimizer groups [{"name", "params", "lr"}]. The ViT trains only in the tiny "base" stage."""
+        if stage not in self.STAGES:
+            raise ValueError(f"unknown stage {stage!r}; HIRE has {list(self.STAGES)}")
+        spec = self.STAGES[stage]
+        if "lora" in spec:
+            self.add_lora(**spec["lora"])
+        self.requires_grad_(False)
+        parts, groups = self.parts(), []
+        for name, lr in spec["train"].items():
+            if parts[name]:  # e.g. no enricher in the LLaVA-1.5 variant
+                for p in parts[name]:
+                    p.requires_grad_(True)
+                groups.append({"name": name, "params": parts[name], "lr": lr})
+        return groups
+
+    # --- vision -----------------------------------------------------------------------------------------------
+    def vit_grid(self, pixels):
+        """LLaVA-1.5 features: layer vit_layer, class token dropped, as a map (B, D, g, g)."""
+        x = self.vit(pixels, layer=self.config.vit_layer)[:, 1:]  # (B, N, D)
+        g = int(x.shape[1] ** 0.5)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], g, g)
+
+    def s2_features(self, pixels):
+        """S2 (s2wrapper): per scale, bicubic resize, split into ViT-size crops, one ViT pass per crop, merge the
+        crops' maps, area-pool to the first scale's grid; concatenate the scales along channels."""
+        v, maps = self.config.vit.image_size, []
+        for s in self.config.s2_scales:
+            x = pixels if s == pixels.shape[-1] else F.interpolate(pixels, size=(s, s), mode="bicubic",
+                                                                   align_corners=False)
+            n = s // v
+            f = merge_crops(self.vit_grid(split_crops(x, n)), n)  # (B, D, n*g, n*g)
+            maps.append(f if not maps else F.interpolate(f, size=maps[0].shape[-2:], mode="area"))
+        return torch.cat(maps, dim=1)
+
+    def vision_features(self, pixels):
+        """(B, N, D_proj) features entering the projector."""
+        c, S = self.config, self.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, S, S):
+            raise ValueError(f"pixels must be (B, 3, {S}, {S}) for enricher={c.enricher!r} (config.image_size), "
+                             f"got {tuple(pixels.shape)}")
+        if c.enricher == "s2":
+            f = self.s2_features(pixels)
+        else:
+            v = c.vit.image_size  # i: the ViT-size view of I (antialiased bicubic, as PIL's resize)
+            low = pixels if S == v else F.interpolate(pixels, size=(v, v), mode="bicubic", align_corners=False,
+                                                      antialias=True)
+            f = self.vit_grid(low)  # E(i)
+            if self.enricher is not None:
+                f = torch.cat([f, self.enricher(pixels.to(f.dtype), f)], dim=1)  # Eq. (4)
+        f = f.flatten(2).transpose(1, 2)  # (B, N, D)
+        want = self.projector[0].in_features
+        if f.shape[-1] != want:
+            raise ValueError(f"the projector takes {want} features per token but enricher={c.enricher!r} gives "
+                             f"{f.shape[-1]}: projector and enricher widths do not match")
+        return f
+
+    def encode_images(self, pixels):
+        """(B, N, d_model) visual tokens (576 for CLIP-L/336)."""
+        return self.projector(self.vision_features(pixels))
+
+    # --- the splice -------------------------------------------------------------------------------------------
+    def splice(self, idx, image_embeds, labels=None, mask=None):
+        """Put the N visual tokens where each row's single IMAGE_ID is: (B, T) -> (B, T-1+N) embeddings, with
+        labels IGNORE and mask 1 on the visual positions."""
+        B, T = idx.shape
+        n_img = (idx == IMAGE_ID).sum(1)
+        for b in range(B):
+            if n_img[b] != 1:
+                raise ValueError(f"prompt {b} has {int(n_img[b])} <image> placeholders (IMAGE_ID {IMAGE_ID}); "
+                                 f"HIRE needs exactly one per prompt")
+        N = image_embeds.shape[1]
+        pos = (idx == IMAGE_ID).int().argmax(1, keepdim=True)  # (B, 1)
+        t = torch.arange(T - 1 + N, device=idx.device).expand(B, -1)  # output positions
+        vis = (t >= pos) & (t < pos + N)
+        src = torch.where(t < pos, t, t - N + 1).clamp(0, T - 1)  # text position each output position reads
+        text = self.llm.embed(idx.masked_fill(idx == IMAGE_ID, 0))  # (B, T, D); the slot's row is replaced below
+        img = image_embeds.to(text.dtype).gather(1, (t - pos).clamp(0, N - 1)[..., None].expand(-1, -1, text.shape[-1]))
+        embeds = torch.where(vis[..., None], img, text.gather(1, src[..., None].expand(-1, -1, text.shape[-1])))
+        if labels is not None:
+            labels = labels.gather(1, src).masked_fill(vis, IGNORE)
+        if mask is not None:
+            mask = mask.gather(1, src).masked_fill(vis, 1)
+        return embeds, labels, mask
+
+    def forward(self, pixels, idx, labels=None, mask=None, reduction="mean"):
+        """Logits (B, T-1+N, V), and the next-token loss over labels != IGNORE when labels are given."""
+        if labels is not None and labels.shape != idx.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match idx {tuple(idx.shape)}")
+        embeds, labels, mask = self.splice(idx, self.encode_images(pixels), labels, mask)
+        logits = self.llm(embeds=embeds, mask=mask)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                               reduction=reduction)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):
+        """(B, new) token ids; idx left-padded (mask 0 on padding) when prompts differ in length."""
+        embeds, _, mask = self.splice(idx, self.encode_images(pixels), None, mask)
+        return self.llm.generate(embeds=embeds, mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 eos_id=eos_id)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, config: HIREConfig, dtype=None) -> "HIRE":
+        """Build with the ViT from config.vit_path and the LLM from config.llm_path (HF directories; their configs
+        replace config.vit / config.llm). The projector and enricher start random."""
+        resolve_config(config)  # image_size for the variant, set on the caller's config too
+        v = ViT.from_pretrained(config.vit_path, dtype) if config.vit_path else None
+        m = LLM.from_pretrained(config.llm_path, dtype) if config.llm_path else None
+        config = dataclasses.replace(config, vit=v.config if v else config.vit, llm=m.config if m else config.llm)
+        model = cls(config, vit=v, llm=m)
+        if dtype is not None:
+            model.projector.to(dtype)
+            if model.enricher is not None:
+                model.enricher.to(dtype)
+        return model
+
+    def save(self, path):
+        """config.json (dataclasses.asdict) + model.safetensors; written to path.tmp, then renamed."""
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        save_file({k: t.detach().contiguous().cpu() for k, t in _unique_state(self).items()},
+                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+
+    @classmethod
+    def load(cls, path, dtype=None) -> "HIRE":
+        """Rebuild a saved HIRE (with its LoRA adapter if it was saved with one); every key and shape checked."""
+        for name in ("config.json", "model.safetensors"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{path}: no {name} (expected a directory written by HIRE.save)")
+        with open(os.path.join(path, "config.json")) as f:
+            config = HIREConfig.from_dict(json.load(f))
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+            model = cls(config)
+            if any(".lora_A." in k for k in keys):
+                ft = cls.STAGES["finetune"]["lora"]
+                ranks = {f.get_slice(k).get_shape()[0] for k in keys if ".lora_A." in k}
+                model.add_lora(ranks.pop(), ft["alpha"], ft["dropout"])
+            expected = {k: tuple(t.shape) for k, t in _unique_state(model).items()}
+            missing = sorted(set(expected) - set(keys))
+            unexpected = sorted(set(keys) - set(expected))
+            wrong = [f"{k}: file {tuple(f.get_slice(k).get_shape())} vs model {expected[k]}" for k in keys
+                     if k in expected and tuple(f.get_slice(k).get_shape()) != expected[k]]
+            if missing or unexpected or wrong:
+                raise ValueError(f"{path}/model.safetensors does not fit the HIRE (enricher={config.enricher!r}) of "
+                                 f"its config.json:" + "".join(f"\n  {what}: {v}" for what, v in (
+                                     ("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if v))
+            state = {k: f.get_tensor(k) for k in keys}
+        model.load_state_dict(state, strict=False)  # tied copies (lm_head = embed_tokens) are filled by their twin
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+
+def _unique_state(model):
+    """state_dict without the second name of a tied tensor (safetensors refuses shared storage)."""
+    seen, out = set(), {}
+    for k, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[k] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- demo
+def main(argv):
+    import argparse
+    ap = argparse.ArgumentParser(description="Answer a question about an image with LLaVA-1.5 / -S2 / -HIRE.")
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--ckpt", default=None, help="a HIRE.save directory (with its tokenizer); else a random tiny")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--enricher", default=None, choices=["hire", "s2", "none"])
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    args = ap.parse_args(argv)
+    from llm import Tokenizer
+    torch.manual_seed(0)
+    if args.ckpt:
+        model, tok_dir = HIRE.load(args.ckpt), args.ckpt
+    else:
+        config = HIREConfig.preset(args.preset)
+        if args.enricher:
+            config.enricher = args.enricher
+        model = HIRE.from_pretrained(config)
+        tok_dir = config.llm_path
+        if tok_dir is None:  # random tiny model: the shared tiny tokenizer
+            import tempfile
+            tok_dir = data.build_tiny_tokenizer(tempfile.mkdtemp())
+    tok = Tokenizer.from_pretrained(tok_dir)
+    model.eval()
+    c = model.config
+    pixels = data.load_image(args.image, c.image_size, c.pad_square)[None]
+    prompt = args.prompt if data.IMAGE_TOKEN in args.prompt else data.IMAGE_TOKEN + "\n" + args.prompt
+    ids, _ = data.tokenize_conversation(tok, [{"from": "human", "value": prompt}], c.template)
+    out = model.generate(pixels, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id)
+    print(data.answer_text(tok, out[0].tolist()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
