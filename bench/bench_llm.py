@@ -3,7 +3,7 @@
 1. forward+backward step time of our LLM vs transformers' LlamaForCausalLM, same weights, same process.
 2. peak RSS while loading a synthetic ~1 GB bf16 LLaMA checkpoint in a fresh process, vs the file size.
 
-    python bench/bench_llm.py [--threads 2] [--reps 3] [--rounds 2] [--vocab 8192] [--skip_rss] [--skip_step]
+    python bench/bench_llm.py [--threads 1] [--reps 4] [--vocab 8192] [--skip_rss] [--skip_step]
 """
 import argparse
 import os
@@ -22,20 +22,14 @@ import torch.nn.functional as F  # noqa: E402
 from llm import LLM, LLMConfig, _to_hf  # noqa: E402
 
 
-def step_time(model, idx, targets, reps):
-    """Median seconds of one forward (logits) + cross-entropy + backward."""
-    def step():
-        out = model(idx)
-        logits = out if torch.is_tensor(out) else out.logits
-        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
-        model.zero_grad(set_to_none=True)
-    step()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return times
+def train_step(model, idx, targets):
+    """One forward (logits) + cross-entropy + backward; returns (wall seconds, CPU seconds of this process)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = model(idx)
+    logits = out if torch.is_tensor(out) else out.logits
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_step(args):
@@ -49,15 +43,16 @@ def bench_step(args):
         ours = LLM.from_pretrained(d).train()
     idx = torch.randint(0, args.vocab, (4, 256))
     targets = torch.randint(0, args.vocab, (4, 256))
+    train_step(hf, idx, targets), train_step(ours, idx, targets)  # warm-up
     theirs_t, ours_t = [], []
-    for _ in range(args.rounds):  # interleave so that load from other processes hits both alike
-        theirs_t += step_time(hf, idx, targets, args.reps)
-        ours_t += step_time(ours, idx, targets, args.reps)
-    a, b = statistics.median(theirs_t), statistics.median(ours_t)
-    print(f"fwd+bwd  d_model 512, 8 layers, vocab {args.vocab}, batch 4 x seq 256, fp32, {args.threads} threads: "
-          f"transformers {a * 1e3:.0f} ms, ours {b * 1e3:.0f} ms (medians of {len(ours_t)}), "
-          f"ratio theirs/ours {a / b:.3f}")
-    return a / b
+    for _ in range(args.reps):  # interleaved, so that load from other processes hits both alike
+        theirs_t.append(train_step(hf, idx, targets))
+        ours_t.append(train_step(ours, idx, targets))
+    print(f"fwd+bwd  d_model 512, 8 layers, vocab {args.vocab}, batch 4 x seq 256, fp32, {args.threads} thread(s), "
+          f"medians of {args.reps}:")
+    for j, what in enumerate(("wall", "CPU")):
+        a, b = statistics.median(t[j] for t in theirs_t), statistics.median(t[j] for t in ours_t)
+        print(f"  {what:4s} transformers {a * 1e3:.0f} ms, ours {b * 1e3:.0f} ms, ratio theirs/ours {a / b:.3f}")
 
 
 LOADER = """
@@ -104,9 +99,8 @@ def bench_rss(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--skip_rss", action="store_true")
     p.add_argument("--skip_step", action="store_true")
