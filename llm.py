@@ -7,7 +7,7 @@ KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -262,3 +262,12 @@ def test_input_errors(hf_dirs):
         ours.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
     with pytest.raises(ValueError, match="exactly one of idx / embeds"):
         ours()
+
+
+@pytest.mark.parametrize("name,count", [("vicuna-7b", 6_738_415_616), ("llama3-8b", 8_030_261_248),
+                                        ("qwen2-0.5b", 494_032_768), ("phi-1.5", 1_418_270_720),
+                                        ("gpt2", 124_439_808)])
+def test_presets_have_the_published_parameter_counts(name, count):
+    with torch.device("meta"):  # no memory: shapes only
+        model = LLM(LLMConfig.preset(name))
+    assert sum(p.numel() for p in model.parameters()) == count
