@@ -1,0 +1,468 @@
+"""
+INF-LLaVA (Ma et al., 2024): Dual-perspective Cropping (DCM) and Enhancement (DEM) for high-resolution MLLMs.
+Hold the paper (Sec. 4, Eq. 2-27) in one hand and this file in the other.
+
+    I (B,3,H_h,W_h) --DCM--> n local tiles + n strided "global" sub-images (+ the low-res view): one ViT call
+        --recombine (Eq. 5-6)--> F_loc, F_glo (B,d,h_h,w_h), spatially aligned
+        --DEM (Eq. 18-27): windowed cross-attention both ways, then fusion--> V_dual
+        --pool to the ViT grid (Eq. 7)--> (+ the 336 view's features, Table 3) --projector--> LLM (Eq. 8)
+
+The released code (WeihuangLin/INF-LLaVA) differs from the paper in places. The paper is the default; each
+release choice sits behind a config switch, and `INFLLaVAConfig.preset("paper-release")` turns on all of them:
+
+    | switch         | paper (default)                                  | release                                   |
+    |----------------|--------------------------------------------------|-------------------------------------------|
+    | windows        | V_glo: global queries in strided windows C_glo;  | swapped: global queries in contiguous     |
+    |                | V_loc: local queries in contiguous windows C_loc | windows, local queries in strided ones    |
+    | attention      | one head, W_q/W_k/W_v without bias, no W_o, no   | one module shared by both directions:     |
+    |                | residual (Eq. 20-21, 24-25); one per direction   | 8 heads, biases, W_o, LayerNorm(W_o(a)+q) |
+    | fusion         | "linear_concat": [V_glo W_glo; V_loc W_loc],     | "release": Linear(d,d/16)-GELU-Linear(d/16,|
+    |                | W: d -> d/2 (Eq. 26-27)                          | d/2) per path, LN([loc; glo] + V_glo+V_loc)|
+    | downsample     | "avgpool" (Eq. 7)                                | "bilinear" to 24x24 (picks the centre     |
+    |                |                                                  | token of each 3x3 block)                  |
+    | dual_combine   | "sum" of the two feature maps (Sec. 5.5.1)       | "mean"                                    |
+
+Input preparation, both modes: the release pads the image to a square with the CLIP mean colour
+(`--image_aspect_ratio pad` in its fine-tuning script) and resizes it to 1008x1008, so `pad_square=True`;
+forward() then refuses pixels whose sides are not multiples of the ViT tile (it never pads or crops), and the
+336 view is a bicubic resize of the 1008 pixels, as in the release.
+
+Ablation switches (Tables 3-6): `image_size` with `dual` (single 336..1680 or dual [336+N]); `dem` "global" /
+"local" (Table 4) or "none"; `fusion` "conv3x3" / "mul" / "weighted_add" / "maxpool" / "add" /
+"linear_concat" (Table 5); `dcm` "local" / "global" (with dem="none"), and dcm="both" + dem="none" is the
+"w/ DCM" row (F_loc + F_glo, Table 6).
+"""
+import argparse
+import dataclasses
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+
+from data import IGNORE, IMAGE_ID
+from llm import LLM, LLMConfig
+from vit import ViT, ViTConfig
+
+CHOICES = {
+    "dcm": ("both", "local", "global"),
+    "dem": ("both", "global", "local", "none"),
+    "windows": ("paper", "release"),
+    "attention": ("paper", "release"),
+    "fusion": ("linear_concat", "release", "conv3x3", "mul", "weighted_add", "maxpool", "add"),
+    "downsample": ("avgpool", "bilinear"),
+    "dual_combine": ("sum", "mean"),
+}
+RELEASE = dict(windows="release", attention="release", fusion="release", downsample="bilinear",
+               dual_combine="mean")
+
+
+@dataclass
+class INFLLaVAConfig:
+    vit: ViTConfig = field(default_factory=lambda: ViTConfig.preset("clip-vit-l-14-336"))
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig.preset("llama3-8b"))
+    image_size: int = 1008        # high-res side; n = image_size // vit.image_size tiles per side (Eq. 9-10)
+    pad_square: bool = True       # the release pads to a square before resizing (see the docstring)
+    template: str = "llama3"      # LLaMA-3-Instruct chat template (header ids, <|eot_id|>)
+    vit_path: str | None = None
+    llm_path: str | None = None
+    vision_layer: int = -2        # penultimate CLIP layer, class token dropped (LLaVA-1.5)
+    dual: bool = True             # add the plain low-res view's features (Table 3, [336+1008])
+    dcm: str = "both"             # sub-images to encode: both perspectives, or one (Table 6)
+    dem: str = "both"             # enhancement directions (Table 4); "none": no DEM (Table 6)
+    windows: str = "paper"
+    attention: str = "paper"
+    fusion: str = "linear_concat"
+    downsample: str = "avgpool"
+    dual_combine: str = "sum"
+
+    @staticmethod
+    def preset(name: str) -> "INFLLaVAConfig":
+        """"paper": CLIP-L/336 + LLaMA-3-8B at [336+1008]; "tiny": the shared tiny ViT/LM at [64+192];
+        "-release" variants switch on every choice of the released code."""
+        base, _, release = name.partition("-")
+        if base == "paper":
+            cfg = INFLLaVAConfig()
+        elif base == "tiny":
+            cfg = INFLLaVAConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=192)
+        else:
+            cfg = None
+        if cfg is None or release not in ("", "release"):
+            raise ValueError(f"unknown INF-LLaVA preset {name!r}; choose from paper, paper-release, tiny, "
+                             f"tiny-release")
+        return dataclasses.replace(cfg, **RELEASE) if release else cfg
+
+    def check(self):
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"INFLLaVAConfig.{key}={getattr(self, key)!r} is not one of {allowed}")
+        S = self.vit.image_size
+        if self.image_size < S or self.image_size % S:
+            raise ValueError(f"INFLLaVAConfig.image_size={self.image_size} must be a multiple of the ViT size {S}")
+        if self.dcm != "both" and self.dem != "none":
+            raise ValueError(f"dcm={self.dcm!r} encodes one perspective only; DEM needs both: set dem='none'")
+        if self.vit.width % 16:
+            raise ValueError(f"vit.width={self.vit.width} must be a multiple of 16 (d/2 and d/16 fusion widths)")
+
+    @staticmethod
+    def from_dict(d: dict) -> "INFLLaVAConfig":
+        return INFLLaVAConfig(**{**d, "vit": ViTConfig(**d["vit"]), "llm": LLMConfig(**d["llm"])})
+
+
+# ----------------------------------------------------------------------------- DCM (Sec. 4.2) and Eq. 5-6
+# One set of four functions serves pixels (C=3) and ViT features (C=d): x is (B, C, H, W), sub-images are
+# (B, n_h*n_w, C, H/n_h, W/n_w), numbered row-major: index = i * n_w + j for row i, column j.
+
+def _sub_size(x, n_h, n_w):
+    B, C, H, W = x.shape
+    if H % n_h or W % n_w:
+        raise ValueError(f"a {H}x{W} map does not split into {n_h}x{n_w} equal sub-images")
+    return B, C, H // n_h, W // n_w
+
+
+def crop_local(x, n_h, n_w):
+    """INF-LLaVA Eq. 11-13: contiguous tiles, I_i = I[row*H_l:(row+1)*H_l, col*W_l:(col+1)*W_l]."""
+    B, C, h, w = _sub_size(x, n_h, n_w)
+    x = x.view(B, C, n_h, h, n_w, w)  # y = row*h + y', x = col*w + x'
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, n_h * n_w, C, h, w)
+
+
+def merge_local(t, n_h, n_w):
+    """INF-LLaVA Eq. 5: tile the local sub-images (or sub-features) back in place; inverse of crop_local."""
+    B, N, C, h, w = t.shape
+    return t.view(B, n_h, n_w, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, n_h * h, n_w * w)
+
+
+def crop_global(x, n_h, n_w):
+    """INF-LLaVA Eq. 16-17: I_ij(u, v) = I(x = j + u*n_W, y = i + v*n_H), i.e. I[i::n_H, j::n_W]."""
+    B, C, h, w = _sub_size(x, n_h, n_w)
+    x = x.view(B, C, h, n_h, w, n_w)  # y = v*n_h + i, x = u*n_w + j
+    return x.permute(0, 3, 5, 1, 2, 4).reshape(B, n_h * n_w, C, h, w)
+
+
+def merge_global(t, n_h, n_w):
+    """INF-LLaVA Eq. 6 / Fig. 3: feature (u, v) of global sub-feature (i, j) goes to (j + u*n_W, i + v*n_H)."""
+    B, N, C, h, w = t.shape
+    return t.view(B, n_h, n_w, C, h, w).permute(0, 3, 4, 1, 5, 2).reshape(B, C, h * n_h, w * n_w)
+
+
+WINDOWS = {"local": (crop_local, merge_local), "global": (crop_global, merge_global)}
+
+
+# ----------------------------------------------------------------------------- DEM (Sec. 4.3)
+class CrossAttention(nn.Module):
+    """Paper (Eq. 20-21, 24-25): A = softmax((X W_q)(Y W_k)^T / sqrt(d)), V = A (Y W_v), one head, no bias.
+    Release: 8 heads with biases, an output map W_o and a post-norm residual LayerNorm(W_o(attn) + x)."""
+
+    def __init__(self, dim: int, release: bool):
+        super().__init__()
+        self.heads = 8 if release else 1
+        self.q_proj = nn.Linear(dim, dim, bias=release)
+        self.k_proj = nn.Linear(dim, dim, bias=release)
+        self.v_proj = nn.Linear(dim, dim, bias=release)
+        self.out_proj = nn.Linear(dim, dim) if release else None
+        self.norm = nn.LayerNorm(dim) if release else None
+
+    def forward(self, x, y, mask=None):
+        """x (B, T, d) queries, y (B, S, d) keys/values; mask (T, S) bool, True = may attend."""
+        B, T, d = x.shape
+        nh = self.heads
+        q = self.q_proj(x).view(B, T, nh, d // nh).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(y).view(B, -1, nh, d // nh).transpose(1, 2)  # (B, nh, S, hs)
+        v = self.v_proj(y).view(B, -1, nh, d // nh).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False)  # scale 1/sqrt(hs)
+        out = out.transpose(1, 2).reshape(B, T, d)
+        if self.out_proj is None:
+            return out
+        return self.norm(self.out_proj(out) + x)
+
+
+def windowed_cross_attention(attn, queries, context, window, n_h, n_w):
+    """Crop both maps (B, d, H, W) into the same n_h x n_w windows, attend within each window only (the DEM's
+    memory saving: N attention maps of (hw)^2 instead of one of (N hw)^2), and put the windows back."""
+    crop, merge = WINDOWS[window]
+    q, c = crop(queries, n_h, n_w), crop(context, n_h, n_w)  # (B, N, d, h, w)
+    B, N, d, h, w = q.shape
+    out = attn(q.flatten(3).transpose(2, 3).flatten(0, 1), c.flatten(3).transpose(2, 3).flatten(0, 1))  # (BN, hw, d)
+    return merge(out.view(B, N, h, w, d).permute(0, 1, 4, 2, 3), n_h, n_w)
+
+
+class Fusion(nn.Module):
+    """Dual-perspective fusion (Sec. 4.3.4) of V_glo and V_loc, (B, d, H, W) each, into (B, d, H, W)."""
+
+    def __init__(self, kind: str, d: int):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear_concat":  # Eq. 26: W_glo, W_loc in R^{d x d/2}
+            self.w_glo = nn.Linear(d, d // 2, bias=False)
+            self.w_loc = nn.Linear(d, d // 2, bias=False)
+        elif kind == "release":
+            self.ffn_glo = nn.Sequential(nn.Linear(d, d // 16), nn.GELU(), nn.Linear(d // 16, d // 2))
+            self.ffn_loc = nn.Sequential(nn.Linear(d, d // 16), nn.GELU(), nn.Linear(d // 16, d // 2))
+            self.norm = nn.LayerNorm(d)
+        elif kind == "conv3x3":  # Table 5: a 3x3 convolution over the concatenated maps
+            self.conv = nn.Conv2d(2 * d, d, 3, padding=1)
+        elif kind == "weighted_add":  # Table 5: learned weights a*V_glo + b*V_loc
+            self.weights = nn.Parameter(torch.tensor([0.5, 0.5]))
+
+    def forward(self, v_glo, v_loc):
+        k = self.kind
+        if k == "linear_concat":  # Eq. 27: V_dual = [V_glo W_glo; V_loc W_loc]
+            g, l = v_glo.permute(0, 2, 3, 1), v_loc.permute(0, 2, 3, 1)  # (B, H, W, d)
+            return torch.cat([self.w_glo(g), self.w_loc(l)], dim=-1).permute(0, 3, 1, 2)
+        if k == "release":  # the release concatenates the local path first
+            g, l = v_glo.permute(0, 2, 3, 1), v_loc.permute(0, 2, 3, 1)
+            return self.norm(torch.cat([self.ffn_loc(l), self.ffn_glo(g)], dim=-1) + g + l).permute(0, 3, 1, 2)
+        if k == "conv3x3":
+            return self.conv(torch.cat([v_glo, v_loc], dim=1))
+        if k == "weighted_add":
+            return self.weights[0] * v_glo + self.weights[1] * v_loc
+        if k == "mul":
+            return v_glo * v_loc
+        if k == "maxpool":  # element-wise max over the two perspectives
+            return torch.maximum(v_glo, v_loc)
+        return v_glo + v_loc  # "add"
+
+
+class DEM(nn.Module):
+    """Dual-perspective Enhancement Module (Sec. 4.3): F_loc, F_glo (B, d, h_h, w_h) -> (B, d, h_h, w_h)."""
+
+    def __init__(self, config: INFLLaVAConfig):
+        super().__init__()
+        c, d = config, config.vit.width
+        self.directions = ("global", "local") if c.dem == "both" else (c.dem,)
+        # paper: V_glo attends in global windows C_glo (Eq. 18-19), V_loc in local windows C_loc (Eq. 22-23)
+        swap = c.windows == "release"
+        self.window = {"global": "local" if swap else "global", "local": "global" if swap else "local"}
+        shared = c.attention == "release"
+        n_attn = 1 if shared else len(self.directions)
+        self.attn = nn.ModuleList(CrossAttention(d, release=shared) for _ in range(n_attn))
+        self.fusion = Fusion(c.fusion, d) if c.dem == "both" else None
+
+    def enhance_global(self, f_loc, f_glo, n_h, n_w):
+        """Eq. 18-21: global sub-features query their local counterparts -> V_glo."""
+        return windowed_cross_attention(self.attn[0], f_glo, f_loc, self.window["global"], n_h, n_w)
+
+    def enhance_local(self, f_loc, f_glo, n_h, n_w):
+        """Eq. 22-25: local sub-features query their global counterparts -> V_loc."""
+        return windowed_cross_attention(self.attn[-1], f_loc, f_glo, self.window["local"], n_h, n_w)
+
+    def forward(self, f_loc, f_glo, n_h, n_w):
+        if self.directions == ("global",):
+            return self.enhance_global(f_loc, f_glo, n_h, n_w)
+        if self.directions == ("local",):
+            return self.enhance_local(f_loc, f_glo, n_h, n_w)
+        return self.fusion(self.enhance_global(f_loc, f_glo, n_h, n_w), self.enhance_local(f_loc, f_glo, n_h, n_w))
+
+
+# ----------------------------------------------------------------------------- the model
+@contextmanager
+def default_dtype(dtype):
+    """Build modules straight in `dtype` (no fp32 detour for an 8B model)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or old)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class INFLLaVA(nn.Module):
+    # Sec. 5.2. Stage 1 aligns: ViT and LLM frozen. Stage 2 (SFT) also trains the whole LLM; the ViT never.
+    STAGES = {
+        "pretrain": {"template": "plain", "train": {"dem": 1e-3, "projector": 1e-3}, "schedule": "cosine",
+                     "warmup_ratio": 0.03, "global_batch": 256, "epochs": 1, "weight_decay": 0.0},
+        "finetune": {"template": "llama3", "train": {"dem": 2e-5, "projector": 2e-5, "llm": 2e-5},
+                     "schedule": "cosine", "warmup_ratio": 0.03, "global_batch": 128, "epochs": 1,
+                     "weight_decay": 0.0},
+    }
+
+    def __init__(self, config: INFLLaVAConfig, vit: ViT | None = None, llm: LLM | None = None):
+        super().__init__()
+        config.check()
+        self.config = config
+        self.vit = vit if vit is not None else ViT(config.vit)
+        self.llm = llm if llm is not None else LLM(config.llm)
+        self.dem = DEM(config) if config.dem != "none" else None
+        d, D = config.vit.width, config.llm.d_model
+        self.projector = nn.Sequential(nn.Linear(d, D), nn.GELU(), nn.Linear(D, D))  # LLaVA-1.5 mlp2x_gelu
+
+    def grid(self, pixels):
+        """n_h, n_w of Eq. 9-10, refusing inputs the DCM cannot split exactly."""
+        S = self.config.vit.image_size
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, H, W) RGB, got {tuple(pixels.shape)}; grayscale or RGBA "
+                             f"images must be converted to RGB first (data.load_image does)")
+        H, W = pixels.shape[-2:]
+        if H < S or W < S or H % S or W % S:
+            raise ValueError(f"pixels of {H}x{W}: INF-LLaVA needs sides that are multiples of the ViT tile {S} "
+                             f"(never padded or cropped here); resize the image to {self.config.image_size}x"
+                             f"{self.config.image_size} first, as the release does (data.load_image)")
+        return H // S, W // S
+
+    def image_features(self, pixels):
+        """(B, 3, H, W) -> (B, h_l*w_l, d) dual-enhanced, pooled visual features (Eq. 2-7, Table 3)."""
+        c, S = self.config, self.config.vit.image_size
+        n_h, n_w = self.grid(pixels)
+        B, N = pixels.shape[0], n_h * n_w
+        views = []  # DCM (Eq. 2): every sub-image is S x S, so all of them go through the ViT in one call
+        if c.dcm in ("both", "local"):
+            views.append(crop_local(pixels, n_h, n_w))
+        if c.dcm in ("both", "global"):
+            views.append(crop_global(pixels, n_h, n_w))
+        if c.dual:
+            low = F.interpolate(pixels.float(), size=(S, S), mode="bicubic", align_corners=False)
+            views.append(low.to(pixels.dtype).unsqueeze(1))
+        views = torch.cat(views, dim=1)  # (B, K, 3, S, S)
+        K = views.shape[1]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())):
+            feats = self.vit(views.flatten(0, 1), layer=c.vision_layer)[:, 1:]  # Eq. 3-4: (B*K, h*w, d), no CLS
+        g = self.vit.grid
+        feats = feats.view(B, K, g, g, -1).permute(0, 1, 4, 2, 3)  # (B, K, d, h_l, w_l)
+        if c.dcm == "both":
+            f_loc, f_glo = merge_local(feats[:, :N], n_h, n_w), merge_global(feats[:, N:2 * N], n_h, n_w)  # Eq. 5-6
+            x = self.dem(f_loc, f_glo, n_h, n_w) if self.dem is not None else f_loc + f_glo  # Table 6 "w/ DCM"
+        elif c.dcm == "local":
+            x = merge_local(feats[:, :N], n_h, n_w)
+        else:
+            x = merge_global(feats[:, :N], n_h, n_w)
+        if c.downsample == "avgpool":  # Eq. 7: back to the ViT's token grid
+            x = F.avg_pool2d(x, (n_h, n_w))
+        else:
+            x = F.interpolate(x.float(), size=(g, g), mode="bilinear", align_corners=False).to(x.dtype)
+        if c.dual:  # Table 3: [336 + N], element-wise
+            x = x + feats[:, -1] if c.dual_combine == "sum" else (x + feats[:, -1]) / 2
+        return x.flatten(2).transpose(1, 2)  # (B, h_l*w_l, d)
+
+    def encode_images(self, pixels):
+        """Eq. 8's F_C(F_dual): (B, h_l*w_l, D) visual tokens in the LLM's embedding space."""
+        return self.projector(self.image_features(pixels))
+
+    def splice(self, idx, image_embeds, mask=None, labels=None):
+        """Replace each row's single IMAGE_ID with the M visual tokens: embeds (B, T-1+M, D), and the padding mask
+        and labels stretched to match (image positions: mask 1, label IGNORE)."""
+        B, T = idx.shape
+        M = image_embeds.shape[1]
+        is_image = idx == IMAGE_ID
+        counts = is_image.sum(1)
+        if (counts != 1).any():
+            raise ValueError(f"every row of idx needs exactly one IMAGE_ID ({IMAGE_ID}); counts per row: "
+                             f"{counts.tolist()}")
+        p = is_image.int().argmax(1, keepdim=True)  # (B, 1)
+        t = torch.arange(T - 1 + M, device=idx.device).expand(B, -1)  # output positions
+        # gather index into cat([text (T), image (M)]): text before p, image tokens, then the rest of the text
+        src = torch.where(t < p, t, torch.where(t < p + M, T + t - p, t - M + 1))
+        text = self.llm.embed(idx.masked_fill(is_image, 0))
+        both = torch.cat([text, image_embeds.to(text.dtype)], dim=1)
+        embeds = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, M)], dim=1).gather(1, src)
+        if labels is not None:
+            labels = torch.cat([labels, labels.new_full((B, M), IGNORE)], dim=1).gather(1, src)
+        return embeds, mask, labels
+
+    def forward(self, pixels, idx, labels=None, mask=None, reduction="mean"):
+        """Eq. 8. Logits (B, T-1+M, V); with labels also the next-token loss (image positions skipped)."""
+        embeds, mask, labels = self.splice(idx, self.encode_images(pixels), mask, labels)
+        logits = self.llm(embeds=embeds, mask=mask)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=IGNORE, reduction=reduction)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):
+        """(B, new) token ids; greedy at temperature 0; left padding via mask."""
+        embeds, mask, _ = self.splice(idx, self.encode_images(pixels), mask)
+        return self.llm.generate(embeds=embeds, mask=mask, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, eos_id=eos_id)
+
+    def configure_stage(self, stage: str) -> list[dict]:
+        """Freeze everything, unfreeze what STAGES[stage] trains, return its optimizer groups."""
+        if stage not in self.STAGES:
+            raise ValueError(f"unknown stage {stage!r}; INF-LLaVA has {list(self.STAGES)}")
+        self.requires_grad_(False)
+        groups = []
+        for name, lr in self.STAGES[stage]["train"].items():
+            module = getattr(self, name)
+            if module is None:  # dem="none" ablation
+                continue
+            module.requires_grad_(True)
+            groups.append({"name": name, "params": list(module.parameters()), "lr": lr})
+        return groups
+
+    @classmethod
+    def from_pretrained(cls, config: INFLLaVAConfig, dtype=None) -> "INFLLaVA":
+        """Load the ViT and the LLM from config.vit_path / llm_path (their HF configs win); DEM and projector
+        start from scratch."""
+        vit = ViT.from_pretrained(config.vit_path, dtype=dtype) if config.vit_path else None
+        llm = LLM.from_pretrained(config.llm_path, dtype=dtype) if config.llm_path else None
+        config = dataclasses.replace(config, vit=vit.config if vit else config.vit,
+                                     llm=llm.config if llm else config.llm)
+        with default_dtype(dtype):
+            return cls(config, vit=vit, llm=llm)
+
+    def save(self, dir: str):
+        """config.json + model.safetensors, each written to a temporary name and renamed."""
+        os.makedirs(dir, exist_ok=True)
+        path = os.path.join(dir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        os.replace(path + ".tmp", path)
+        path = os.path.join(dir, "model.safetensors")
+        save_model(self, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def load(cls, dir: str, dtype=None) -> "INFLLaVA":
+        path = os.path.join(dir, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no INF-LLaVA checkpoint in {dir}: {path} is missing")
+        with open(path) as f:
+            config = INFLLaVAConfig.from_dict(json.load(f))
+        with default_dtype(dtype):
+            model = cls(config)
+        missing, unexpected = load_model(model, os.path.join(dir, "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise KeyError(f"{dir}/model.safetensors does not match the config: missing {missing}, "
+                           f"unexpected {unexpected}")
+        return model
+
+
+# ----------------------------------------------------------------------------- demo
+if __name__ == "__main__":
+    import tempfile
+
+    import data
+    from llm import Tokenizer
+
+    parser = argparse.ArgumentParser(description="INF-LLaVA: answer one prompt about one image")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--ckpt", default="", help="a saved INF-LLaVA directory (else a random tiny model)")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.ckpt:
+        model, tok_dir = INFLLaVA.load(args.ckpt), args.ckpt
+    else:
+        model, tok_dir = INFLLaVA(INFLLaVAConfig.preset("tiny")), tempfile.mkdtemp()
+        data.build_tiny_tokenizer(tok_dir)
+        print("no --ckpt: a randomly initialised tiny INF-LLaVA (the answer is noise)")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    cfg = model.config
+    pixels = data.load_image(args.image, cfg.image_size, cfg.pad_square).unsqueeze(0)
+    n = cfg.image_size // cfg.vit.image_size
+    print(f"image -> {cfg.image_size}x{cfg.image_size}: {n}x{n} local + {n}x{n} global crops"
+          f"{' + the low-res view' if cfg.dual else ''}")
+    # a last human turn without answer: the ids end with the assistant header, ready to generate
+    ids, _ = data.tokenize_conversation(tok, [{"from": "human", "value": data.IMAGE_TOKEN + "\n" + args.prompt}],
+                                        cfg.template)
+    eos = tok.special.get("<|eot_id|>", tok.eos_id) if cfg.template == "llama3" else tok.eos_id
+    out = model.eval().generate(pixels, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=eos)
+    print(data.answer_text(tok, out[0].tolist()))
