@@ -25,10 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
+from data import IGNORE
 from llm import LLM, LLMConfig
 from vit import ViT, ViTConfig, add_lora, lora_parameters
-
-IGNORE = -100  # label of positions that carry no loss (data.IGNORE)
 
 # Release: LoRA on every linear layer of the ViT and on its patch-embedding convolution.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embed"]
@@ -323,4 +322,40 @@ class Pheye(nn.Module):
 
 
 if __name__ == "__main__":
-    pass  # demo: written below once data.py has landed
+    import argparse
+
+    import data
+    from llm import Tokenizer
+
+    ap = argparse.ArgumentParser(description="Pheye: answer one instruction about one image")
+    ap.add_argument("--image", required=True, help="any image PIL reads; it is resized to the model's size")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--ckpt", help="a directory written by Pheye.save / train.py (holds the tokenizer too)")
+    ap.add_argument("--preset", default="tiny", help="without --ckpt: a PheyeConfig preset")
+    ap.add_argument("--vit", help="without --ckpt: HF CLIP directory for the preset")
+    ap.add_argument("--llm", help="without --ckpt: HF LM directory (and its tokenizer) for the preset")
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    if args.ckpt:
+        model, tok_dir = Pheye.load(args.ckpt), args.ckpt
+    else:
+        config = PheyeConfig.preset(args.preset)
+        config.vit_path, config.llm_path = args.vit or config.vit_path, args.llm or config.llm_path
+        if not config.llm_path and args.preset != "tiny":
+            ap.error(f"--preset={args.preset} needs --llm=DIR (the language model and its tokenizer)")
+        if not (config.vit_path and config.llm_path):
+            print("note: no --ckpt, so parts are randomly initialised: expect gibberish")
+        model = Pheye.from_pretrained(config)
+        if config.llm_path:
+            tok_dir = config.llm_path
+        else:
+            import tempfile
+            tok_dir = data.build_tiny_tokenizer(tempfile.mkdtemp())
+    model.eval()
+    tok = Tokenizer.from_pretrained(tok_dir)
+    c = model.config
+    pixels = data.load_image(args.image, c.image_size, c.pad_square)[None]  # (1, 3, S, S)
+    ids, _ = data.tokenize_conversation(tok, [{"from": "human", "value": args.prompt}], c.template)
+    new = model.generate(pixels, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id)
+    print(f"Instruction: {args.prompt}\nResponse: {data.answer_text(tok, new[0].tolist())}")
