@@ -4,9 +4,9 @@ shared/papers/pheye.md): a frozen CLIP ViT with two LoRA adapters reads a high-r
 view plus n x n local tiles, and a frozen language model reads those vision tokens through dense cross-attention
 blocks inserted before every I-th decoder layer. Only the new parts train (Sec. 3.1).
 
-    image (S x S, S = n * 224) --resize--> global view 224 --ViT + LoRA "global"--> LayerNorm_g --+
-                               --cut-----> n*n tiles of 224 --ViT + LoRA "local"---> LayerNorm_l --+--> + pos[sub-image]
-                                                                                                         = vision tokens
+    image (S x S, S = n * 224)
+      |-- resize to 224 ---------> ViT + LoRA "global" -> LayerNorm_g --+
+      |-- cut into n*n tiles ----> ViT + LoRA "local"  -> LayerNorm_l --+-> + pos[sub-image] -> vision tokens
     text --> frozen LM; before decoder layer i, when (i+1) % I == 0:
                  x = x + CrossAttn(LN(x), vision tokens)      # Fig. 2, no tanh gate
                  x = x + FFN(LN(x))
@@ -55,7 +55,7 @@ class PheyeConfig:
 
     @staticmethod
     def preset(name: str) -> "PheyeConfig":
-        """"tiny" (CPU, minutes) or "paper-x{I}-{448|672}": Pheye-xI at that resolution (Table 1)."""
+        """Presets: "tiny" (CPU, minutes) and "paper-x{I}-{448|672}", Pheye-xI at that resolution (Table 1)."""
         if name == "tiny":  # shared tiny ViT (64 px) and LM; 128 px = 2 x 2 tiles of 64
             return PheyeConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"),
                                image_size=128, tiles=2, interval=2)
@@ -104,7 +104,8 @@ def split_tiles(pixels: torch.Tensor, n: int) -> torch.Tensor:
 
 class CrossAttention(nn.Module):
     """Text queries attend to every vision token (no mask: each text token sees the whole image). Keys and values
-    are projected straight from the ViT width to the LM width; the inner width is the LM's (App. B.1)."""
+    are projected straight from the ViT width to the LM width; the inner width is the LM's (App. B.1), with the
+    LM's head count (Phi-1.5: 32 heads of 64, as the release's max(D, D_ViT) / 64)."""
 
     def __init__(self, d_model: int, d_vision: int, n_head: int):
         super().__init__()
@@ -157,6 +158,10 @@ class DenseCrossAttentionBlock(nn.Module):
 # The model
 
 class Pheye(nn.Module):
+    """The whole model: vit (frozen, adapters "global" and "local"), norm_global / norm_local, pos_embed, xattn
+    (blocks keyed by the decoder layer they precede) and llm (frozen). forward / generate / configure_stage /
+    from_pretrained / save / load follow the contract every nanoHiRes model shares (spec.md)."""
+
     # Sec. 3.1: three stages train the same parameters (cross-attention, LoRA, positional embeddings, the two
     # LayerNorms) on different data, cosine decay, effective batch 128. Loss: summed over output tokens, and
     # train.py divides the gradients by the number of output tokens of the whole effective batch (all
@@ -202,7 +207,8 @@ class Pheye(nn.Module):
         (CLS kept), then each tile's, P = 1 + n^2 sub-images (Fig. 1, 3)."""
         n, s = self.config.tiles, self.config.vit.image_size
         B = pixels.shape[0]
-        # release: the global view is the image resized to the ViT size (bicubic; antialias as PIL does)
+        # the global view: the image resized to the ViT size (bicubic, antialiased like PIL). The release resizes
+        # the original image; here it is the S x S one forward() receives, so one tensor feeds both views.
         global_view = F.interpolate(pixels, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
         g = self.norm_global(self.vit(global_view, adapter="global"))           # (B, N', D_vit), last layer
         t = self.norm_local(self.vit(split_tiles(pixels, n), adapter="local"))  # (B*n*n, N', D_vit), one call
