@@ -16,14 +16,16 @@ release choice sits behind a config switch, and `INFLLaVAConfig.preset("paper-re
     |                | V_loc: local queries in contiguous windows C_loc | windows, local queries in strided ones    |
     | attention      | one head, W_q/W_k/W_v without bias, no W_o, no   | one module shared by both directions:     |
     |                | residual (Eq. 20-21, 24-25); one per direction   | 8 heads, biases, W_o, LayerNorm(W_o(a)+q) |
-    | fusion         | "linear_concat": [V_glo W_glo; V_loc W_loc],     | "release": Linear(d,d/16)-GELU-Linear(d/16,|
-    |                | W: d -> d/2 (Eq. 26-27)                          | d/2) per path, LN([loc; glo] + V_glo+V_loc)|
+    | fusion         | "linear_concat": [V_glo W_glo; V_loc W_loc],     | "release": per path Linear(d, d/16) -     |
+    |                | W: d -> d/2 without bias (Eq. 26-27)             | GELU - Linear(d/16, d/2); then            |
+    |                |                                                  | LayerNorm([loc; glo] + V_glo + V_loc)     |
     | downsample     | "avgpool" (Eq. 7)                                | "bilinear" to 24x24 (picks the centre     |
     |                |                                                  | token of each 3x3 block)                  |
     | dual_combine   | "sum" of the two feature maps (Sec. 5.5.1)       | "mean"                                    |
 
-Input preparation, both modes: the release pads the image to a square with the CLIP mean colour
-(`--image_aspect_ratio pad` in its fine-tuning script) and resizes it to 1008x1008, so `pad_square=True`;
+Input preparation (the paper does not say): the release pads the image to a square with the CLIP mean colour
+(`--image_aspect_ratio pad` in its fine-tuning script; its pretraining script centre-crops instead) and resizes
+it to 1008x1008, so `pad_square=True` and data.load_image resizes any size, small images included;
 forward() then refuses pixels whose sides are not multiples of the ViT tile (it never pads or crops), and the
 336 view is a bicubic resize of the 1008 pixels, as in the release.
 
@@ -138,7 +140,8 @@ def merge_local(t, n_h, n_w):
 
 
 def crop_global(x, n_h, n_w):
-    """INF-LLaVA Eq. 16-17: I_ij(u, v) = I(x = j + u*n_W, y = i + v*n_H), i.e. I[i::n_H, j::n_W]."""
+    """INF-LLaVA Eq. 14-17: the same n_W x n_H count as the local crops (Eq. 14-15); sub-image (i, j) takes
+    I_ij(u, v) = I(x = j + u*n_W, y = i + v*n_H), i.e. I[i::n_H, j::n_W]: a strided view of the whole image."""
     B, C, h, w = _sub_size(x, n_h, n_w)
     x = x.view(B, C, h, n_h, w, n_w)  # y = v*n_h + i, x = u*n_w + j
     return x.permute(0, 3, 5, 1, 2, 4).reshape(B, n_h * n_w, C, h, w)

@@ -251,6 +251,16 @@ def test_bad_inputs_are_refused_with_their_size(base):
         base(pixels(), torch.tensor([[1, 5, 6]]))
 
 
+def test_small_grayscale_rgba_images_are_resized_like_the_release(base):
+    import data
+    from PIL import Image
+    for im in (Image.new("L", (30, 20), 90), Image.new("RGBA", (500, 130), (10, 200, 30, 0))):
+        px = data.load_image(im, base.config.image_size, base.config.pad_square)  # pad to square, resize
+        assert px.shape == (3, 192, 192)
+        with torch.no_grad():
+            assert base.image_features(px[None]).shape == (1, 64, 128)
+
+
 def batch():
     idx = torch.tensor([[1, 17, IMAGE_ID, 30, 31, 32, 2], [1, IMAGE_ID, 40, 41, 42, 3, 3]])
     labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 30, 31, 32, 2], [IGNORE, IGNORE, 40, 41, 42, IGNORE, IGNORE]])
