@@ -17,10 +17,7 @@ from PIL import Image
 import data
 from data import IGNORE, IMAGE_ID
 
-try:
-    from llm import Tokenizer
-except ImportError:   # until tokenizer_part.py is merged into llm.py
-    from tokenizer_part import Tokenizer
+from llm import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TURNS = [{"from": "human", "value": "<image>\nWhat is written in the center cell?"}, {"from": "gpt", "value": "7"},

@@ -14,7 +14,7 @@ from tokenizers import Regex, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from tokenizer_part import LLAMA3_PATTERN, QWEN2_PATTERN, Tokenizer, _ranks_from_merges  # llm at merge time
+from llm import LLAMA3_PATTERN, QWEN2_PATTERN, Tokenizer, _ranks_from_merges
 
 TEXTS = [
     "Hello world", "The quick brown fox jumps over the lazy dog.", "inner  double   spaces", "trailing spaces   ",

@@ -1,0 +1,564 @@
+"""
+One training loop for every nanoHiRes model, from a laptop CPU to many GPUs.
+
+    python train.py --model pheye                  # tiny Pheye on the built-in synthetic set, CPU, minutes
+    torchrun --standalone --nproc_per_node=2 train.py --model pheye
+    torchrun --nproc_per_node=8 train.py --model pheye --preset=paper-x4-448 --vit=DIR --llm=DIR \
+        --data=llava.json --image_dir=DIR --stage=stage1
+
+Every field of TrainConfig below, and every field of the model's config, can be set as --key=value
+(nested model fields with a dot: --llm.n_layer=2). Unknown keys and ill-typed values are errors.
+The model file says what each stage trains and at which learning rate (its STAGES / configure_stage);
+this file never branches on the model beyond picking it.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from importlib import import_module
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import data
+from llm import Tokenizer
+
+# --model name -> (file, class, config fields that make the variant). llava and llava_s2 are HIRE's baselines.
+MODELS = {
+    "llava": ("hire", "HIRE", {"enricher": "none"}),
+    "llava_s2": ("hire", "HIRE", {"enricher": "s2"}),
+    "hire": ("hire", "HIRE", {"enricher": "hire"}),
+    "inf_llava": ("inf_llava", "INFLLaVA", {}),
+    "pheye": ("pheye", "Pheye", {}),
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "pheye"          # one of MODELS
+    preset: str = "tiny"          # a preset of the model's config
+    stage: str = ""               # one of the model's STAGES; default: its last (instruction) stage
+    init: str = ""                # a checkpoint dir to start from (e.g. the previous stage's), weights only
+    vit: str = ""                 # HF directory of the vision encoder (paper presets)
+    llm: str = ""                 # HF directory of the language model and its tokenizer (paper presets)
+    data: str = "synthetic"       # "synthetic" or a LLaVA-format JSON file
+    image_dir: str = ""           # image folder for --data (default: the JSON's folder)
+    n_train: int = 4000           # synthetic set sizes
+    n_val: int = 64
+    skip_bad: bool = False        # skip unreadable samples (counted) instead of stopping
+    out_dir: str = ""             # default: out/<model>
+    overwrite: bool = False       # allow replacing a checkpoint of another run in out_dir
+    resume: bool = False
+    max_iters: int = 300
+    batch_size: int = 8           # per process, per micro-step
+    grad_accum: int = 1           # micro-steps per optimizer step, over all processes
+    lr_scale: float = 1.0         # multiplies every learning rate of the stage recipe
+    warmup_iters: int = 20
+    lr_decay_iters: int = 0       # cosine length; default max_iters (set it to train on past a stop)
+    min_lr_ratio: float = 0.1     # cosine decay to this fraction of the peak
+    weight_decay: float = 0.0     # LLaVA and Pheye use 0; applied to matrices only
+    grad_clip: float = 1.0
+    max_len: int = 256            # token budget per sample (images count as one position here)
+    seed: int = 1337
+    device: str = "auto"          # auto | cpu | cuda
+    compile: bool = False
+    fsdp: bool = False            # shard the LLM's decoder blocks (PyTorch FSDP2 fully_shard)
+    act_ckpt: bool = False        # activation checkpointing of the LLM's decoder blocks
+    num_workers: int = 1          # DataLoader workers: image decoding stays off the training process
+    eval_interval: int = 100
+    eval_answers: int = 32        # greedy answers scored by exact match at each evaluation
+    log_interval: int = 1
+    from_scratch: bool = False    # tiny presets: random ViT/LM instead of the cached tiny base
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_value(text, like, key):
+    """Parse text as the type of the default value `like`; bools accept True/False/1/0/yes/no."""
+    if isinstance(like, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--{key}: expected True or False, got {text!r}")
+    if like is None:  # an optional path or value that defaults to None
+        return None if text in ("None", "") else text
+    try:
+        if isinstance(like, (int, float, str)):
+            return type(like)(text)
+        return json.loads(text)  # lists, dicts: --s2_scales=[64,128]
+    except ValueError:
+        raise ValueError(f"--{key}: cannot parse {text!r} as {type(like).__name__}") from None
+
+
+def set_field(obj, key, text):
+    """Set a (possibly dotted) dataclass field from its command-line text, checked against the field type."""
+    head, _, rest = key.partition(".")
+    names = {f.name for f in dataclasses.fields(obj)}
+    if head not in names:
+        raise ValueError(f"unknown option --{key} (known: {', '.join(sorted(names))})")
+    if rest:
+        return set_field(getattr(obj, head), rest, text)
+    setattr(obj, head, parse_value(text, getattr(obj, head), key))
+
+
+def parse_args(argv):
+    """Split `--key=value` (or `--flag`) arguments into TrainConfig and model-config overrides."""
+    cfg, overrides = TrainConfig(), {}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: options look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # --key value, or a bare --flag meaning True
+            value = args.pop(0) if args and not args[0].startswith("--") else "True"
+        if key in train_keys:
+            set_field(cfg, key, value)
+        else:
+            overrides[key] = value
+    if cfg.model not in MODELS:
+        raise ValueError(f"--model={cfg.model!r} is not one of {', '.join(MODELS)}")
+    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
+    return cfg, overrides
+
+
+def build_model_config(cfg, overrides):
+    file, cls_name, variant = MODELS[cfg.model]
+    module = import_module(file)
+    config = getattr(module, cls_name + "Config").preset(cfg.preset)
+    for key, value in variant.items():
+        setattr(config, key, value)
+    for key, value in overrides.items():
+        set_field(config, key, value)
+    return module, getattr(module, cls_name), config
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# OUT_DIR/ckpt is a symlink to OUT_DIR/ckpt-NNNNNN, a complete checkpoint directory (config.json,
+# model.safetensors, tokenizer, train_state.pt). A new one is written beside it and the link is swapped
+# with one atomic rename, so a kill at any moment leaves the last good checkpoint in place.
+def full_state(raw_model, optimizer, sharded):
+    """(weights, optimizer state) whole on rank 0: FSDP gathers its shards; otherwise the model saves itself."""
+    if not sharded:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    weights, opt = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    unique = {n for n, _ in raw_model.named_parameters()} | {n for n, _ in raw_model.named_buffers()}
+    return {k: v for k, v in weights.items() if k in unique}, opt  # tied twins once, as Model.save does
+
+
+def set_optimizer_state(raw_model, optimizer, opt_state, sharded):
+    if not sharded:
+        return optimizer.load_state_dict(opt_state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(raw_model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(cfg, raw_model, weights, tok_dir, state):
+    final = os.path.join(cfg.out_dir, f"ckpt-{state['step']:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if weights is None:
+        raw_model.save(tmp)
+    else:  # gathered from FSDP shards: the same files Model.save writes
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(raw_model.config), f, indent=2)
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
+    for name in os.listdir(tok_dir):
+        if name.startswith(("tokenizer", "special_tokens", "vocab.json", "merges.txt", "generation_config")):
+            shutil.copy(os.path.join(tok_dir, name), tmp)
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    link = os.path.join(cfg.out_dir, "ckpt")
+    os.symlink(os.path.basename(final), link + ".tmp")
+    os.replace(link + ".tmp", link)  # the atomic step
+    for name in os.listdir(cfg.out_dir):  # older checkpoints
+        if name.startswith("ckpt-") and name != os.path.basename(final):
+            shutil.rmtree(os.path.join(cfg.out_dir, name), ignore_errors=True)
+
+
+def read_train_state(ckpt_dir):
+    path = os.path.join(ckpt_dir, "train_state.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_out_dir(cfg):
+    """Refuse to silently replace another run's checkpoint."""
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    if cfg.resume:
+        read_train_state(ckpt)  # raises if there is nothing to resume
+        return
+    if os.path.exists(ckpt) and not cfg.overwrite:
+        old = read_train_state(ckpt)["train_config"]
+        what = f"a checkpoint of --model={old['model']}" + ("" if old["model"] == cfg.model else " (another model)")
+        raise FileExistsError(f"{cfg.out_dir} already holds {what}; pass --resume to continue it, "
+                              f"--overwrite to replace it, or another --out_dir")
+
+
+# ----------------------------------------------------------------------------- the schedule
+def lr_multiplier(step, cfg):
+    """Linear warmup, then cosine decay to min_lr_ratio at lr_decay_iters."""
+    if step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    progress = (step - cfg.warmup_iters) / max(1, (cfg.lr_decay_iters or cfg.max_iters) - cfg.warmup_iters)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(groups, cfg, device):
+    """AdamW over the stage's groups; weight decay on matrices only."""
+    param_groups = []
+    for g in groups:
+        for decay in (True, False):
+            params = [p for p in g["params"] if (p.dim() >= 2) == decay and p.requires_grad]
+            if params:
+                param_groups.append(dict(params=params, lr=g["lr"] * cfg.lr_scale, base_lr=g["lr"] * cfg.lr_scale,
+                                         name=g["name"], weight_decay=cfg.weight_decay if decay else 0.0))
+    if not param_groups:
+        raise ValueError(f"stage {cfg.stage!r} of --model={cfg.model} trains no parameters")
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups, fused=fused)  # betas (0.9, 0.999) as LLaVA's HF Trainer
+
+
+# ----------------------------------------------------------------------------- data order
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's sample indices, optimizer step after optimizer step, from `start_step` on.
+
+    Step s takes global samples [s*G, (s+1)*G) of a seeded permutation per epoch (G = batch_size * grad_accum);
+    rank r takes micro-batches r*accum ... (r+1)*accum - 1 of them. So one process or N see the same samples
+    in every optimizer step, and a resumed run continues exactly where the stopped one was."""
+
+    def __init__(self, n, batch_size, grad_accum, rank, world, seed, start_step, max_iters):
+        self.n, self.B, self.G, self.rank, self.world = n, batch_size, batch_size * grad_accum, rank, world
+        self.seed, self.start, self.stop = seed, start_step, max_iters
+
+    def _perm(self, epoch):
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return self._order
+
+    def __iter__(self):
+        per_rank = self.G // self.world
+        for step in range(self.start, self.stop):
+            for j in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+                epoch, i = divmod(step * self.G + j, self.n)
+                yield self._perm(epoch)[i]
+
+    def __len__(self):
+        return (self.stop - self.start) * self.G // self.world
+
+
+# ----------------------------------------------------------------------------- distributed and precision
+def setup_distributed(cfg):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is one process."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device=cuda but no CUDA device is visible")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if want_cuda else "cpu")
+    dist.init_process_group("nccl" if want_cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce(x, world, op=None):
+    if world > 1:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def choose_precision(device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "bf16 autocast: this GPU supports bfloat16"
+    if device.type == "cuda":
+        return torch.float16, "fp16 autocast with loss scaling: this GPU has no bfloat16"
+    return torch.float32, "fp32: on a CPU, autocast is slower than fp32 at these sizes"
+
+
+def checkpoint_blocks(blocks):
+    """Activation checkpointing: each decoder block recomputes its activations in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        block.forward = lambda *a, _f=block.forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+# ----------------------------------------------------------------------------- the tiny base
+CACHE = os.environ.get("NANOHIRES_CACHE", os.path.expanduser("~/.cache/nanohires"))
+
+
+def tiny_tokenizer():
+    """The tiny presets' tokenizer: built deterministically from the synthetic corpus, cached."""
+    path = os.path.join(CACHE, "tiny-tokenizer-v1")
+    if not os.path.exists(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        data.build_tiny_tokenizer(tmp)
+        try:
+            os.rename(tmp, path)  # atomic; another process may have won the race, which is fine
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+def tiny_base():
+    """Tiny presets have no public weights to freeze: a tiny ViT and LM are pretrained once on the synthetic
+    set (LLaVA-style, everything trainable at the 64-px view: the "base" stage of hire.py) and cached, so that
+    every model's paper recipe can freeze them as written. Returns (vit_dir, llm_dir)."""
+    root = os.path.join(CACHE, "tiny-base-v1")
+    dirs = os.path.join(root, "vit"), os.path.join(root, "llm")
+    if os.path.exists(os.path.join(root, "done")):
+        return dirs
+    print(f"building the tiny pretrained ViT and LM once, cached in {root} ...")
+    work = root + ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    main(["--model=llava", "--stage=base", "--from_scratch=True", f"--out_dir={work}", "--max_iters=600",
+          "--batch_size=16", "--eval_interval=600", "--eval_answers=16"], distributed=False)
+    import hire
+    model = hire.HIRE.load(os.path.join(work, "ckpt"))
+    os.makedirs(root, exist_ok=True)
+    model.vit.save_pretrained(dirs[0])
+    model.llm.save_pretrained(dirs[1])
+    open(os.path.join(root, "done"), "w").close()
+    shutil.rmtree(work, ignore_errors=True)
+    return dirs
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, max_new_tokens=16):
+    """Validation loss (token mean over all ranks) and exact-match accuracy of greedy answers."""
+    raw_model.eval()
+    loss_sum, n_tok = torch.zeros((), device=device), torch.zeros((), device=device)
+    for b in val_loader:
+        b = {k: v.to(device) for k, v in b.items()}
+        with ctx:
+            _, loss = raw_model(b["pixels"], b["ids"], labels=b["labels"], mask=b["mask"], reduction="sum")
+        loss_sum += loss.float()
+        n_tok += data.count_targets(b["labels"])
+    all_reduce(loss_sum, world), all_reduce(n_tok, world)
+    correct, total, shown = torch.zeros((), device=device), torch.zeros((), device=device), []
+    for b in qa:
+        with ctx:
+            out = raw_model.generate(b["pixels"].to(device), b["ids"].to(device), max_new_tokens=max_new_tokens,
+                                     mask=b["mask"].to(device), eos_id=tok.eos_id)
+        for row, question, answer in zip(out.tolist(), b["question"], b["answer"]):
+            said = data.answer_text(tok, row)
+            correct += data.normalize_answer(said) == data.normalize_answer(answer)
+            total += 1
+            shown.append((question, answer, said))
+    all_reduce(correct, world), all_reduce(total, world)
+    raw_model.train()
+    return (loss_sum / n_tok.clamp(min=1)).item(), round((correct / total.clamp(min=1)).item(), 4), shown
+
+
+# ----------------------------------------------------------------------------- the loop
+def main(argv=None, distributed=True):
+    cfg, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed(cfg) if distributed else (0, 1, torch.device("cpu"))
+    master = rank == 0
+    if cfg.grad_accum % world:
+        raise ValueError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
+    accum = cfg.grad_accum // world
+    dtype, why = choose_precision(device)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # --- the model, its stage recipe, and where its weights come from
+    module, Model, mcfg = build_model_config(cfg, overrides)
+    cfg.stage = cfg.stage or list(Model.STAGES)[-1]
+    if cfg.stage not in Model.STAGES:
+        raise ValueError(f"--stage={cfg.stage!r}: --model={cfg.model} has stages {', '.join(Model.STAGES)}")
+    mcfg.vit_path, mcfg.llm_path = cfg.vit or mcfg.vit_path, cfg.llm or mcfg.llm_path
+    tok_dir = mcfg.llm_path
+    if cfg.preset == "tiny":
+        tok_dir = tiny_tokenizer() if master else None
+        if not (mcfg.vit_path or mcfg.llm_path or cfg.from_scratch):
+            if master:
+                mcfg.vit_path, mcfg.llm_path = tiny_base()
+            if world > 1:
+                dist.barrier()
+            mcfg.vit_path, mcfg.llm_path = tiny_base()
+        tok_dir = tiny_tokenizer()
+    if not tok_dir:
+        raise ValueError(f"--preset={cfg.preset} needs --llm=DIR (the language model and its tokenizer)")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        check_out_dir(cfg)
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if cfg.resume or cfg.init:
+        model = Model.load(ckpt_dir if cfg.resume else cfg.init)
+    elif mcfg.vit_path or mcfg.llm_path:
+        model = Model.from_pretrained(mcfg)
+    else:
+        model = Model(mcfg)
+    groups = model.configure_stage(cfg.stage)
+    recipe = Model.STAGES[cfg.stage]
+    model.to(device)
+    raw_model = model
+    if cfg.act_ckpt:
+        checkpoint_blocks(raw_model.llm.layers)
+    if cfg.fsdp:  # shard each decoder block, then the rest; sharding replaces the Parameter objects
+        from torch.distributed.fsdp import fully_shard
+        names = {id(p): n for n, p in raw_model.named_parameters()}
+        groups = [dict(g, params=[names[id(p)] for p in g["params"]]) for g in groups]
+        for block in raw_model.llm.layers:
+            fully_shard(block)
+        fully_shard(raw_model)
+        params = dict(raw_model.named_parameters())
+        groups = [dict(g, params=[params[n] for n in g["params"]]) for g in groups]
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = model
+    optimizer = make_optimizer(groups, cfg, device)
+    state = read_train_state(ckpt_dir) if cfg.resume else None
+    if state:
+        set_optimizer_state(raw_model, optimizer, state["optimizer"], cfg.fsdp)
+        scaler.load_state_dict(state["scaler"])
+    if cfg.compile:
+        model = torch.compile(model)
+
+    # --- data: the stage's template, the model's image size; each rank reads its own share
+    template = recipe.get("template", mcfg.template)
+    make = lambda split, n: data.make_dataset(cfg.data, tok, template=template, image_size=mcfg.image_size,
+                                              pad_square=mcfg.pad_square, max_len=cfg.max_len, split=split,
+                                              n=n, seed=cfg.seed, image_dir=cfg.image_dir, skip_bad=cfg.skip_bad)
+    train_set, val_set = make("train", cfg.n_train), make("val", cfg.n_val)
+    if cfg.batch_size * cfg.grad_accum > len(train_set):
+        raise ValueError(f"a global batch of {cfg.batch_size * cfg.grad_accum} samples is larger than the "
+                         f"{len(train_set)} samples of --data={cfg.data}")
+    start = state["step"] if state else 0
+    sampler = StepSampler(len(train_set), cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed, start, cfg.max_iters)
+    loader = lambda ds, **kw: torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                                          collate_fn=ds.collate, **kw)
+    batches = iter(loader(train_set, sampler=sampler))
+    val_loader = loader(val_set, sampler=list(range(rank, len(val_set), world)))
+    n_qa = min(cfg.eval_answers, len(val_set)) if template != "plain" else 0  # captions are not scored
+    qa = loader(val_set.qa_set(n_qa), sampler=list(range(rank, n_qa, world))) if n_qa else []
+
+    # --- RNG: per-rank streams (dropout), restored exactly on resume
+    if state:
+        rng = state["rng"][rank]
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    else:
+        random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
+
+    def checkpoint(step):
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng) if world > 1 else rngs.__setitem__(0, rng)
+        weights, opt_state = full_state(raw_model, optimizer, cfg.fsdp)  # a collective under FSDP
+        if master:
+            save_checkpoint(cfg, raw_model, weights, tok_dir, dict(
+                step=step, optimizer=opt_state, scaler=scaler.state_dict(), rng=rngs,
+                train_config=dataclasses.asdict(cfg), stage=cfg.stage, world=world))
+        if world > 1:
+            dist.barrier()
+
+    # --- Ctrl-C / preemption: finish the step, save, exit cleanly
+    stop = {"signal": None}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: stop.update(signal=signal.Signals(s).name))
+
+    if master:
+        n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        print(f"model {cfg.model} ({cfg.preset}), stage {cfg.stage}: {n_train / 1e6:.2f}M trainable parameters "
+              f"in {', '.join(sorted({g['name'] for g in optimizer.param_groups}))}")
+        print(f"device {device}, {world} process(es), precision: {why}; global batch "
+              f"{cfg.batch_size * cfg.grad_accum} = {cfg.batch_size} x {accum} micro-steps x {world}")
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w") if master else None
+    bar = tqdm(total=cfg.max_iters, initial=start, disable=not master, dynamic_ncols=True)
+    t_start, t_data, t_step = time.time(), 0.0, 0.0
+    step = start
+    while step < cfg.max_iters:
+        t0 = time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_multiplier(step, cfg)
+        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
+        t1 = time.time()
+        # Loss = sum of token losses over the whole effective batch / its number of supervised tokens
+        # (Pheye Sec. 3.1), so micro-batches and ranks of different lengths weigh by their tokens.
+        n_tok = all_reduce(sum(data.count_targets(b["labels"]) for b in micro).float(), world)
+        n_seen = all_reduce(sum(b["mask"].sum() for b in micro).float(), world)
+        loss_sum = torch.zeros((), device=device)
+        for m, b in enumerate(micro):
+            last = m == accum - 1
+            if cfg.fsdp:
+                ddp_model.set_requires_gradient_sync(last)
+            sync = ddp_model.no_sync() if world > 1 and not cfg.fsdp and not last else nullcontext()
+            with sync:
+                with ctx:
+                    _, loss = model(b["pixels"], b["ids"], labels=b["labels"], mask=b["mask"], reduction="sum")
+                # DDP averages gradients over ranks: scale by world so that sum / n_tok above holds
+                scaler.scale(loss * world / n_tok).backward()
+            loss_sum += loss.detach().float()
+        step_loss = (all_reduce(loss_sum, world) / n_tok).item()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"non-finite loss ({step_loss}) at step {step}: stopping; the last good "
+                                     f"checkpoint ({ckpt_dir}) is kept")
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        t2 = time.time()
+        t_data, t_step = t_data + (t1 - t0), t_step + (t2 - t0)
+        if master:
+            lr = optimizer.param_groups[0]["lr"]
+            rec = dict(iter=step, loss=round(step_loss, 6), lr=lr, tokens_per_s=round(n_seen.item() / (t2 - t0), 1),
+                       elapsed_s=round(time.time() - t_start, 3), data_s=round(t1 - t0, 4))
+            log.write(json.dumps(rec) + "\n"), log.flush()
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+        halt = all_reduce(torch.tensor(float(stop["signal"] is not None), device=device), world, dist.ReduceOp.MAX if world > 1 else None)
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters or halt.item():
+            if not halt.item():
+                val_loss, acc, shown = evaluate(raw_model, val_loader, qa, tok, device, ctx, world)
+                if master:
+                    log.write(json.dumps(dict(iter=step, val_loss=round(val_loss, 6), accuracy=acc)) + "\n")
+                    log.flush()
+                    bar.write(f"step {step}: val loss {val_loss:.4f}" + (f", exact-match accuracy {acc:.1%}" if qa else ""))
+            checkpoint(step)
+        if halt.item():
+            if master:
+                bar.write(f"stopped by {stop['signal'] or 'a signal on another rank'} at step {step}; checkpoint "
+                          f"saved in {ckpt_dir}; continue with --resume")
+            break
+    bar.close()
+    if master and step == cfg.max_iters:
+        print(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {step_loss:.4f}, "
+              f"data loading {t_data / max(t_step, 1e-9):.1%} of step time")
+        for question, answer, said in shown[:5]:
+            print(f"  Q: {question}\n     truth: {answer!r}  model: {said!r}")
+        print(f"try it: python {MODELS[cfg.model][0]}.py --ckpt {ckpt_dir} --image IMAGE --prompt \"...\"")
+    if log:
+        log.close()
+    if world > 1 and distributed:
+        dist.destroy_process_group()
+    return step
+
+
+if __name__ == "__main__":
+    main()
