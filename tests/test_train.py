@@ -1,0 +1,175 @@
+"""train.py: exact resume, DDP == one process, atomic checkpoints, signals, bad input, every tiny model learns."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--from_scratch=True", "--n_train=64", "--n_val=8", "--eval_answers=4", "--num_workers=0",
+        "--warmup_iters=2", "--batch_size=4"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    """Keep the tiny tokenizer out of the user's ~/.cache; built once per session."""
+    path = str(tmp_path_factory.getbasetemp() / "nanohires-cache")
+    monkeypatch.setattr(train, "CACHE", path)
+    monkeypatch.setenv("NANOHIRES_CACHE", path)
+    return path
+
+
+def run(tmp_path, *args, name="run"):
+    out = str(tmp_path / name)
+    train.main(FAST + [f"--out_dir={out}", *args], distributed=False)
+    return out
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "ckpt", "model.safetensors"))
+
+
+def assert_same_weights(a, b, tol):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= tol, worst
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common = ["--model=pheye", "--lr_decay_iters=6", "--eval_interval=3", "--seed=3"]
+    full = run(tmp_path, *common, "--max_iters=6", name="full")
+    half = run(tmp_path, *common, "--max_iters=3", name="half")
+    train.main(FAST + common + ["--max_iters=6", "--resume", f"--out_dir={half}"], distributed=False)
+    assert losses(half) == losses(full)  # same per-step losses, bitwise (the log rounds to 1e-6)
+    assert_same_weights(weights(half), weights(full), 1e-6)
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path):
+    # 2 micro-steps of 2 == 1 step of 4: the loss is normalised by the tokens of the whole effective batch
+    common = ["--model=hire", "--stage=pretrain", "--max_iters=3", "--eval_interval=3"]
+    a = run(tmp_path, *common, "--batch_size=4", "--grad_accum=1", name="a")
+    b = run(tmp_path, *common, "--batch_size=2", "--grad_accum=2", name="b")
+    assert losses(a) == pytest.approx(losses(b), abs=2e-6)
+    assert_same_weights(weights(a), weights(b), 1e-5)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, cache, sharding):
+    # torchrun on this CPU (gloo): the same global batch gives the same losses and weights (DDP, or FSDP2 with
+    # the LM's blocks sharded and activation checkpointing); resuming the sharded run works too.
+    args = FAST + ["--model=pheye", "--lora_dropout=0", "--lr_decay_iters=3", "--eval_interval=3",
+                   "--batch_size=2", "--grad_accum=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", NANOHIRES_CACHE=cache)
+    one = str(tmp_path / "one")
+    train.main(args + ["--max_iters=3", f"--out_dir={one}"], distributed=False)
+    two = str(tmp_path / "two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(ROOT, "train.py"), *args, f"--out_dir={two}"]
+    runs = [["--max_iters=3"]] if sharding == "ddp" else [["--max_iters=2"], ["--max_iters=3", "--resume"]]
+    for extra in runs:
+        extra += ["--fsdp=True", "--act_ckpt=True"] if sharding == "fsdp" else []
+        r = subprocess.run(torchrun + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    assert_same_weights(weights(one), weights(two), 1e-5)
+
+
+def test_kill_while_writing_checkpoint_keeps_the_previous(tmp_path, monkeypatch):
+    out = run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=2", "--eval_interval=1")
+    before = weights(out)
+
+    def dies(*a, **k):  # the model weights of step 3 are written, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(FAST + ["--model=hire", "--stage=pretrain", "--max_iters=3", "--eval_interval=1", "--resume",
+                           f"--out_dir={out}"], distributed=False)
+    monkeypatch.undo()
+    assert train.read_train_state(os.path.join(out, "ckpt"))["step"] == 2
+    assert_same_weights(weights(out), before, 0.0)
+    import hire
+    hire.HIRE.load(os.path.join(out, "ckpt"))  # still loads as a model
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, cache):
+    out = str(tmp_path / "sig")
+    env = dict(os.environ, OMP_NUM_THREADS="1", NANOHIRES_CACHE=cache)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *FAST, "--model=hire", "--stage=pretrain",
+           "--max_iters=100000", "--eval_interval=100000", f"--out_dir={out}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 2):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, text[-2000:]
+    assert "stopped by SIGTERM" in text
+    step = train.read_train_state(os.path.join(out, "ckpt"))["step"]
+    assert step == len(losses(out)) >= 2
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    out = run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1")
+    with pytest.raises(FloatingPointError, match=r"at step \d+"):
+        train.main(FAST + ["--model=hire", "--stage=pretrain", "--max_iters=20", "--lr_scale=1e30", "--resume",
+                           "--grad_clip=1e30", f"--out_dir={out}"], distributed=False)
+    assert train.read_train_state(os.path.join(out, "ckpt"))["step"] == 1
+
+
+@pytest.mark.parametrize("model", ["llava", "llava_s2", "hire", "inf_llava", "pheye"])
+def test_every_tiny_model_learns(tmp_path, model):
+    out = run(tmp_path, f"--model={model}", "--max_iters=25", "--eval_interval=25", "--lr_scale=5",
+              "--warmup_iters=3", "--batch_size=8")
+    ls = losses(out)
+    first, last = sum(ls[:3]) / 3, sum(ls[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+
+def test_command_line_parsing():
+    cfg, over = train.parse_args(["--model=hire", "--compile=False", "--resume", "--batch_size", "3",
+                                  "--llm.n_layer=2"])
+    assert (cfg.model, cfg.compile, cfg.resume, cfg.batch_size) == ("hire", False, True, 3)
+    assert cfg.out_dir == os.path.join("out", "hire") and over == {"llm.n_layer": "2"}
+    _, _, mcfg = train.build_model_config(cfg, over)
+    assert mcfg.llm.n_layer == 2 and mcfg.enricher == "hire"
+    with pytest.raises(ValueError, match="--compile"):
+        train.parse_args(["--compile=maybe"])
+    with pytest.raises(ValueError, match="--max_iters"):
+        train.parse_args(["--max_iters=ten"])
+    with pytest.raises(ValueError, match="--model='nope'"):
+        train.parse_args(["--model=nope"])
+    cfg, over = train.parse_args(["--model=pheye", "--no_such_key=1"])
+    with pytest.raises(ValueError, match="unknown option --no_such_key"):
+        train.build_model_config(cfg, over)
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1", "--resume", name="empty")
+    with pytest.raises(ValueError, match="larger than the 64 samples"):
+        run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1", "--batch_size=65", name="big")
+    with pytest.raises(ValueError, match="stages"):
+        run(tmp_path, "--model=hire", "--stage=nope", "--max_iters=1", name="stage")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        run(tmp_path, "--model=hire", "--max_iters=1", f"--data={tmp_path}/missing.json", name="data")
+    out = run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1", name="taken")
+    with pytest.raises(FileExistsError, match="another model"):
+        run(tmp_path, "--model=pheye", "--max_iters=1", name="taken")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1", name="taken")
+    run(tmp_path, "--model=pheye", "--max_iters=1", "--overwrite", name="taken")  # told to: allowed
+    assert train.read_train_state(os.path.join(out, "ckpt"))["train_config"]["model"] == "pheye"
