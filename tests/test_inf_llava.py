@@ -351,10 +351,7 @@ def test_presets():
 def test_tiny_inf_llava_trains_loss_falls():
     import data
     import train
-    try:
-        from llm import Tokenizer
-    except ImportError:  # TEMP until tokenizer_part.py is merged into llm.py
-        from tokenizer_part import Tokenizer
+    from llm import Tokenizer
     tok = Tokenizer.from_pretrained(train.tiny_tokenizer())  # built once, cached
     torch.manual_seed(0)
     cfg = tiny()
