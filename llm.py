@@ -23,11 +23,11 @@ import torch.nn.functional as F
 @dataclass
 class LLMConfig:
     vocab_size: int = 512
-    d_model: int = 256
+    d_model: int = 128
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 4              # < n_head: grouped-query attention (LLaMA-3, Qwen2)
-    d_ff: int = 768
+    d_ff: int = 384
     max_seq_len: int = 512
     head_dim: int | None = None     # None: d_model // n_head
     norm: str = "rms"               # "rms" (LLaMA, Qwen2) | "layer" (Phi, GPT-2)

@@ -341,7 +341,7 @@ def test_presets():
     paper, tiny_cfg = INFLLaVAConfig.preset("paper"), INFLLaVAConfig.preset("tiny")
     assert (paper.vit.image_size, paper.vit.width, paper.image_size, paper.dual) == (336, 1024, 1008, True)
     assert paper.llm == inf.LLMConfig.preset("llama3-8b") and paper.template == "llama3"
-    assert (tiny_cfg.vit.image_size, tiny_cfg.image_size, tiny_cfg.llm.d_model) == (64, 192, 256)
+    assert (tiny_cfg.vit.image_size, tiny_cfg.image_size, tiny_cfg.llm.d_model) == (64, 192, 128)
     rel = INFLLaVAConfig.preset("paper-release")
     assert {k: getattr(rel, k) for k in inf.RELEASE} == inf.RELEASE
     with pytest.raises(ValueError, match="paper-x"):
