@@ -1,0 +1,294 @@
+"""
+The papers' claims in miniature: every model of nanoHiRes trained the same way on the synthetic fine-detail set,
+then scored on held-out questions whose answer is a large, medium or small detail (data.py's "detail" tag).
+
+    python bench/miniature.py                       # the grid: 7 models x 3 seeds, table in out/miniature/
+    python bench/miniature.py --seeds 3 --iters 300 --jobs 2
+    python bench/miniature.py --quick               # a couple of steps per model, from scratch (smoke test)
+
+Each run is `python train.py --model M --preset tiny --max_iters=N --seed=S ...`: the same tiny pretrained ViT, LM
+and tokenizer (train.tiny_base), the model file's instruction stage (its paper's freezing recipe and learning
+rates), the same steps, batch and seeds for every model. Then the checkpoint answers the test split greedily and
+the answers are scored by exact match (data.normalize_answer), overall and per detail size. The table also gives
+the parameters the stage trains, the analytic first-token cost of the tiny config (flops.py; 1 FLOP = 1
+multiply-add, every one counted, as the papers count) and the median wall time per training step (log.jsonl).
+Runs go at most --jobs at a time, one thread each; a run whose result.json matches its arguments is reused.
+"""
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import import_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import flops  # noqa: E402
+import train  # noqa: E402
+
+# key, label, train.py --model, model-config overrides. The switches are the model files' own: INF-LLaVA's
+# dem="none" is Table 6's "w/ DCM" row (F_loc + F_glo, no DEM); Pheye with tiles=1 sees only the 64-px image
+# (its global view plus that same view as one "tile"): the no-extra-resolution control for Table 2.
+GRID = [
+    ("llava", "LLaVA-1.5, 64 px", "llava", {}),
+    ("llava_s2", "LLaVA-1.5-S2, 64+128+192", "llava_s2", {}),
+    ("hire", "LLaVA-1.5-HIRE, 64 + enricher at 128", "hire", {}),
+    ("inf_llava", "INF-LLaVA, 64 + DCM/DEM at 192", "inf_llava", {}),
+    ("inf_llava_dcm_add", "INF-LLaVA w/o DEM (F_loc + F_glo), 64 + 192", "inf_llava", {"dem": "none"}),
+    ("pheye", "Pheye, 64 global + 2x2 tiles (128)", "pheye", {}),
+    ("pheye_global", "Pheye, 64 only (tiles=1)", "pheye", {"tiles": 1, "image_size": 64}),
+]
+SIZES = tuple(data.SIZES)  # large, medium, small
+TEST_SEED = 0  # the test split is the same for every run; training data differs by seed (train.py's --seed)
+
+
+# ----------------------------------------------------------------------------- what each checkpoint costs
+def first_token_cost(model, config, text_tokens):
+    """flops.Cost of the first generated token of this tiny config; text_tokens = prompt length without the
+    image slot. Mirrors flops.py's own tiny cases (SDPA attention in the ViT, logits at every position)."""
+    kw = dict(vit_cfg=config.vit, lm=config.llm, text_tokens=text_tokens)
+    if model in ("llava", "llava_s2", "hire"):
+        kw["vit_sdpa"] = True
+        if config.enricher == "none":
+            return flops.llava(**kw)
+        if config.enricher == "s2":
+            return flops.s2(max(config.s2_scales), **kw)
+        return flops.hire(config.image_size, enricher=config, **kw)
+    if model == "inf_llava":
+        cost = flops.inf_llava(config.image_size, dual=config.dual, vit_sdpa=True, **kw)
+        if config.dem == "none":  # Table 6 "w/ DCM": F_loc + F_glo instead of DEM (an element-wise sum)
+            n, g = config.image_size // config.vit.image_size, config.vit.image_size // config.vit.patch_size
+            cost = cost + flops.dem(n, g, config.vit.width) * -1
+        return cost
+    if model == "pheye":
+        return flops.pheye(config.image_size, config.interval, lora_rank=(config.global_rank, config.local_rank),
+                           **kw)
+    raise ValueError(f"no first-token cost for --model={model!r}")
+
+
+def trained_parameters(net, stage):
+    """Parameters the stage's optimizer updates (train.py counts the same)."""
+    seen, n = set(), 0
+    for g in net.configure_stage(stage):
+        for p in g["params"]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
+
+
+def step_time(log_path):
+    """Median wall seconds per optimizer step from train.py's log.jsonl (step 1, the warm-up, left out when
+    there are later steps)."""
+    with open(log_path) as f:
+        t = [r["elapsed_s"] for r in map(json.loads, f) if "loss" in r]
+    if not t:
+        raise ValueError(f"{log_path}: no training steps logged")
+    return statistics.median([b - a for a, b in zip(t, t[1:])]) if len(t) > 1 else t[0]
+
+
+# ----------------------------------------------------------------------------- evaluation on the test split
+@torch.no_grad()
+def evaluate_checkpoint(run_dir, model, n_test, batch_size=32, max_new_tokens=8):
+    """Greedy answers of OUT_DIR/ckpt on the first n_test questions of the synthetic test split, scored by exact
+    match: {"overall", "large", "medium", "small"} accuracies, counts, trained parameters, first-token cost."""
+    from llm import Tokenizer
+    ckpt = os.path.join(run_dir, "ckpt")
+    file, cls_name, _ = train.MODELS[model]
+    net = getattr(import_module(file), cls_name).load(ckpt).eval()
+    stage = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)["stage"]
+    tok = Tokenizer.from_pretrained(ckpt)  # train.py copies the tokenizer into every checkpoint
+    c = net.config
+    template = net.STAGES[stage].get("template", c.template)
+    test = data.SyntheticDataset(tok, n=n_test, split="test", seed=TEST_SEED, template=template,
+                                 image_size=c.image_size, pad_square=c.pad_square)
+    qa = test.qa_set(n_test)
+    loader = torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate)
+    right, total, prompt_tokens = dict.fromkeys(SIZES, 0), dict.fromkeys(SIZES, 0), []
+    for b in loader:
+        out = net.generate(b["pixels"], b["ids"], max_new_tokens=max_new_tokens, mask=b["mask"], eos_id=tok.eos_id)
+        for row, answer, size, m, ids in zip(out.tolist(), b["answer"], b["detail"], b["mask"], b["ids"]):
+            said = data.answer_text(tok, row)
+            right[size] += data.normalize_answer(said) == data.normalize_answer(answer)
+            total[size] += 1
+            prompt_tokens.append(int(m.sum()) - int((ids == data.IMAGE_ID).sum()))  # text tokens of the prompt
+    text_tokens = round(sum(prompt_tokens) / len(prompt_tokens))
+    cost = first_token_cost(model, c, text_tokens)
+    acc = {s: right[s] / total[s] for s in SIZES if total[s]}
+    acc["overall"] = sum(right.values()) / sum(total.values())
+    return dict(accuracy=acc, n=dict(total, overall=sum(total.values())), stage=stage,
+                params_trained=trained_parameters(net, stage), text_tokens=text_tokens,
+                first_token_mflops=cost.macs / 1e6, first_token_mflops_fvcore=cost.fvcore / 1e6,
+                s_per_step=step_time(os.path.join(run_dir, "log.jsonl")))
+
+
+# ----------------------------------------------------------------------------- one run, and the grid
+def train_argv(args, model, overrides, seed, run_dir):
+    argv = [f"--model={model}", "--preset=tiny", f"--out_dir={run_dir}", "--overwrite=True",
+            f"--max_iters={args.iters}", f"--batch_size={args.batch_size}", f"--seed={seed}",
+            f"--n_train={args.n_train}", f"--n_val={args.batch_size}", f"--eval_interval={args.iters}",
+            "--eval_answers=1", f"--from_scratch={args.from_scratch}"]
+    return argv + [f"--{k}={v}" for k, v in overrides.items()]
+
+
+def run_one(args, key, seed):
+    """Train one (model, seed) with train.py and evaluate it; result.json in its run directory. In-process."""
+    _, label, model, overrides = next(r for r in GRID if r[0] == key)
+    run_dir = os.path.join(args.out, "runs", f"{key}-seed{seed}")
+    argv = train_argv(args, model, overrides, seed, run_dir)
+    spec = dict(train_argv=argv, n_test=args.n_test)
+    done = os.path.join(run_dir, "result.json")
+    if os.path.exists(done) and not args.force:
+        with open(done) as f:
+            result = json.load(f)
+        if result["spec"] == spec:
+            return result
+    os.makedirs(run_dir, exist_ok=True)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.main installs its own
+    t0 = time.time()
+    try:
+        with open(os.path.join(run_dir, "train.out"), "w") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            train.main(argv, distributed=False)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    result = dict(key=key, seed=seed, spec=spec, train_wall_s=round(time.time() - t0, 1),
+                  **evaluate_checkpoint(run_dir, model, args.n_test))
+    with open(done + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(done + ".tmp", done)
+    return result
+
+
+def run_in_child(args, key, seed):
+    """run_one in a fresh single-threaded process (so that --jobs of them share the cores fairly)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.abspath(__file__), f"--one={key}", f"--seed={seed}"] + args.passthrough
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"run {key} seed {seed} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                           f"{proc.stderr[-3000:]}")
+    with open(os.path.join(args.out, "runs", f"{key}-seed{seed}", "result.json")) as f:
+        return json.load(f)
+
+
+def mean_std(values):
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                values=values)
+
+
+def summarise(results):
+    """Per grid row: accuracies and step time as mean/std over seeds; parameters and FLOPs (seed-independent)."""
+    rows = []
+    for key, label, model, overrides in GRID:
+        rs = sorted((r for r in results if r["key"] == key), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        rows.append(dict(key=key, label=label, model=model, overrides=overrides, seeds=[r["seed"] for r in rs],
+                         accuracy={k: mean_std([r["accuracy"][k] for r in rs]) for k in ("overall",) + SIZES},
+                         n_test=rs[0]["n"], params_trained=rs[0]["params_trained"], stage=rs[0]["stage"],
+                         text_tokens=rs[0]["text_tokens"], first_token_mflops=rs[0]["first_token_mflops"],
+                         first_token_mflops_fvcore=rs[0]["first_token_mflops_fvcore"],
+                         s_per_step=mean_std([r["s_per_step"] for r in rs])))
+    return rows
+
+
+COLUMNS = ["model", "overall", "large", "medium", "small", "params trained", "first-token MFLOPs", "s / step"]
+
+
+def markdown(rows, meta):
+    pm = lambda a: f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
+    lines = [f"Exact-match accuracy (%) of greedy answers on {meta['n_test']} held-out questions (a third per "
+             f"detail size), mean ± std over seeds {meta['seeds']}. Every model: {meta['iters']} steps of batch "
+             f"{meta['batch_size']}, its instruction stage, the same tiny "
+             f"{'random' if meta['from_scratch'] else 'pretrained'} ViT/LM and tokenizer. FLOPs: analytic "
+             f"(flops.py), first token, 1 FLOP = 1 multiply-add. s / step: median wall time, {meta['jobs']} "
+             f"run(s) at a time, {meta['threads']} thread(s) each.",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        a = r["accuracy"]
+        lines.append(f"| {r['label']} | {pm(a['overall'])} | {pm(a['large'])} | {pm(a['medium'])} | "
+                     f"{pm(a['small'])} | {r['params_trained'] / 1e6:.2f} M | {r['first_token_mflops']:.1f} | "
+                     f"{r['s_per_step']['mean']:.2f} ± {r['s_per_step']['std']:.2f} |")
+    lines += ["", f"Command: `{meta['command']}`; wall time {meta['wall_s'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description="Train and score every nanoHiRes model on the fine-detail set.")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every model")
+    ap.add_argument("--iters", type=int, default=300, help="optimizer steps per run (every model the same)")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--n_train", type=int, default=4000)
+    ap.add_argument("--n_test", type=int, default=300, help="test questions (sizes cycle large/medium/small)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time, each one thread; 1: all in this process")
+    ap.add_argument("--from_scratch", action="store_true", help="random ViT/LM instead of the tiny base")
+    ap.add_argument("--only", default="", help="comma-separated grid keys (default: all)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "out", "miniature"))
+    ap.add_argument("--force", action="store_true", help="retrain even when a run's result.json matches")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 2 steps of batch 2, 1 seed, 6 test questions, from scratch")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one (key, --seed) and exit
+    ap.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.iters, args.batch_size, args.n_train, args.n_test = 1, 2, 2, 16, 6
+        args.from_scratch = True
+    keys = [r[0] for r in GRID]
+    args.keys = [k for k in args.only.split(",") if k] or keys
+    bad = [k for k in args.keys + ([args.one] if args.one else []) if k not in keys]
+    if bad:
+        ap.error(f"unknown grid key(s) {bad}; the grid has {keys}")
+    args.out = os.path.abspath(args.out)
+    args.passthrough = [f"--iters={args.iters}", f"--batch_size={args.batch_size}", f"--n_train={args.n_train}",
+                        f"--n_test={args.n_test}", f"--out={args.out}"] + (["--from_scratch"] if args.from_scratch
+                                                                            else []) + (["--force"] if args.force
+                                                                                        else [])
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.one:
+        run_one(args, args.one, args.seed)
+        return None
+    t0 = time.time()
+    if not args.from_scratch:
+        train.tiny_base()  # built once here, not by two runs racing for the cache
+    train.tiny_tokenizer()
+    # the slowest runs first (CPU time per step measured on the tiny presets: HIRE's enricher is ~8x LLaVA's step),
+    # so that the last to start are short and the --jobs workers finish together
+    order = {k: i for i, k in enumerate(["hire", "inf_llava", "pheye", "inf_llava_dcm_add", "llava_s2", "llava"])}
+    jobs = sorted(((k, s) for k in args.keys for s in range(1, args.seeds + 1)), key=lambda j: order.get(j[0], 9))
+    if args.jobs <= 1:
+        results = [run_one(args, k, s) for k, s in jobs]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda j: run_in_child(args, *j), jobs))
+    rows = summarise(results)
+    meta = dict(command="python bench/miniature.py " + " ".join(argv), wall_s=time.time() - t0, seeds=
+                list(range(1, args.seeds + 1)), iters=args.iters, batch_size=args.batch_size, n_test=args.n_test,
+                from_scratch=args.from_scratch, jobs=max(1, args.jobs),
+                threads=torch.get_num_threads() if args.jobs <= 1 else 1)
+    table = markdown(rows, meta)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "miniature.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "miniature.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows, runs=results), f, indent=1)
+    print(table, end="")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

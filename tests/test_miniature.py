@@ -1,0 +1,106 @@
+"""bench/miniature.py: the grid runs end to end at a trivial size (2 steps per model, from scratch), its table has
+every row and column, its numbers are the right ones (FLOPs from flops.py, trained parameters, prompt length),
+and the scorer counts exact matches per detail size."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import data
+import flops
+from llm import LLMConfig, Tokenizer
+from vit import ViTConfig
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import miniature  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("miniature")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # seven tiny runs in this process: a second thread only waits on a shared machine
+    try:
+        rows = miniature.main(["--quick", "--jobs=1", f"--out={out}"])
+    finally:
+        torch.set_num_threads(threads)
+    return out, rows
+
+
+def test_table_has_every_row_and_column(grid):
+    out, rows = grid
+    assert [r["key"] for r in rows] == [g[0] for g in miniature.GRID]
+    lines = (out / "miniature.md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    assert [c.strip() for c in lines[header].strip("|").split("|")] == miniature.COLUMNS
+    body = lines[header + 2:header + 2 + len(rows)]
+    for (_, label, _, _), line in zip(miniature.GRID, body):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(miniature.COLUMNS) and cells[0] == label
+    saved = json.loads((out / "miniature.json").read_text())
+    assert [r["key"] for r in saved["rows"]] == [g[0] for g in miniature.GRID]
+    for r in saved["rows"]:
+        assert set(r["accuracy"]) == {"overall", "large", "medium", "small"}
+        for acc in r["accuracy"].values():
+            assert all(0.0 <= a <= 1.0 for a in acc["values"]) and len(acc["values"]) == 1
+        assert r["n_test"] == {"large": 2, "medium": 2, "small": 2, "overall": 6}
+        assert r["s_per_step"]["mean"] > 0
+
+
+def test_flops_column_is_flops_py(grid):
+    out, rows = grid
+    llava = next(r for r in rows if r["key"] == "llava")
+    # the prompt: vicuna_v1 around the question, the image slot not counted
+    tok = Tokenizer.from_pretrained(os.path.join(out, "runs", "llava-seed1", "ckpt"))
+    lengths = []
+    for i in range(6):
+        rec, _ = data.synthetic_record(miniature.TEST_SEED, "test", i)
+        ids, _ = data.tokenize_conversation(tok, rec["conversations"][:1], "vicuna_v1")
+        lengths.append(len(ids) - 1)
+    assert llava["text_tokens"] == round(sum(lengths) / len(lengths))
+    want = flops.llava(vit_cfg=ViTConfig.preset("tiny"), lm=LLMConfig.preset("tiny"),
+                       text_tokens=llava["text_tokens"], vit_sdpa=True).macs / 1e6
+    assert llava["first_token_mflops"] == pytest.approx(want, rel=1e-12)
+    line = next(x for x in (out / "miniature.md").read_text().splitlines() if x.startswith(f"| {llava['label']} |"))
+    assert line.split("|")[7].strip() == f"{want:.1f}"
+    # INF-LLaVA without DEM costs exactly the DEM less (3 x 3 windows of the 8 x 8 grid at the ViT width)
+    inf, add = (next(r for r in rows if r["key"] == k) for k in ("inf_llava", "inf_llava_dcm_add"))
+    assert inf["text_tokens"] == add["text_tokens"]
+    assert inf["first_token_mflops"] - add["first_token_mflops"] == pytest.approx(flops.dem(3, 8, ViTConfig.preset("tiny").width).macs / 1e6)
+
+
+def test_trained_parameters(grid):
+    _, rows = grid
+    import hire
+    lm, d = LLMConfig.preset("tiny"), ViTConfig.preset("tiny").width
+    r, D, ff, L = hire.HIRE.STAGES["finetune"]["lora"]["rank"], lm.d_model, lm.d_ff, lm.n_layer
+    lora = L * r * (4 * (D + D) + 2 * (D + ff) + (ff + D))  # q, k, v, o; gate, up; down
+    projector = d * D + D + D * D + D
+    assert next(x for x in rows if x["key"] == "llava")["params_trained"] == lora + projector
+    pheye = {x["key"]: x["params_trained"] for x in rows if x["key"].startswith("pheye")}
+    assert pheye["pheye"] - pheye["pheye_global"] == 3 * d  # 2 x 2 tiles: 3 more sub-image embeddings
+
+
+def test_scorer_counts_exact_matches_per_size(grid, monkeypatch):
+    """An oracle that answers only the small-detail questions right scores 1 on small, 0 elsewhere."""
+    out, _ = grid
+    import hire
+    tok = Tokenizer.from_pretrained(os.path.join(out, "runs", "llava-seed1", "ckpt"))
+    records = [data.synthetic_record(miniature.TEST_SEED, "test", i)[0] for i in range(6)]
+    queue = list(records)
+
+    def oracle(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):
+        rows = []
+        for _ in range(len(idx)):
+            rec = queue.pop(0)
+            answer = rec["conversations"][1]["value"] + ("" if rec["detail"] == "small" else "x")
+            rows.append(tok.encode(" " + answer.upper() + ".") + [eos_id, 7, 7])  # case, blanks, stop ignored
+        width = max(map(len, rows))
+        return torch.tensor([row + [eos_id] * (width - len(row)) for row in rows])
+
+    monkeypatch.setattr(hire.HIRE, "generate", oracle)
+    res = miniature.evaluate_checkpoint(os.path.join(out, "runs", "llava-seed1"), "llava", 6, batch_size=4)
+    assert res["accuracy"] == {"large": 0.0, "medium": 0.0, "small": 1.0, "overall": pytest.approx(1 / 3)}
+    assert not queue
