@@ -138,8 +138,8 @@ def main():
           "   explicit softmax(QK^T)V materialises)")
     train_full = 16 * 8 * 2 * (g * g) ** 2 * 2 * 2 / 2 ** 30
     train_win = train_full / (n * n)
-    print(f"  analytic, training as released (per-GPU batch 16 as in its pretraining, bf16, 8 heads, 2 directions, scores + "
-          f"probabilities kept for backward): naive {train_full:.1f} GiB vs DEM {train_win:.1f} GiB "
+    print(f"  analytic, training as released (per-GPU batch 16 as in its pretraining, bf16, 8 heads, 2 directions, "
+          f"scores + probabilities kept for backward): naive {train_full:.1f} GiB vs DEM {train_win:.1f} GiB "
           f"of attention maps alone ({n * n}x less)")
 
     # 3. time: DEM forward vs one ViT-L forward (one 336 image, through layer -2 as INF-LLaVA uses it)

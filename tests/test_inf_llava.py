@@ -22,7 +22,8 @@ def one_thread():
 def tiny(**kw):
     """The tiny preset with a 2-layer ViT (layer -2 runs one block) and a 2-layer LM: same shapes, faster."""
     cfg = INFLLaVAConfig.preset("tiny")
-    cfg = dataclasses.replace(cfg, vit=dataclasses.replace(cfg.vit, layers=2), llm=dataclasses.replace(cfg.llm, n_layer=2))
+    cfg = dataclasses.replace(cfg, vit=dataclasses.replace(cfg.vit, layers=2),
+                              llm=dataclasses.replace(cfg.llm, n_layer=2))
     return dataclasses.replace(cfg, **kw)
 
 
