@@ -217,7 +217,7 @@ def test_each_switch_runs_and_changes_the_output(base, kw):
     x = pixels()
     with torch.no_grad():
         out, ref = m.encode_images(x), base.encode_images(x)
-    assert out.shape == ref.shape == (1, 64, 256)
+    assert out.shape == ref.shape == (1, 64, m.config.llm.d_model)
     assert (out - ref).abs().max() > 1e-4
 
 
@@ -228,7 +228,7 @@ def test_single_and_dual_resolutions(size, dual, calls):
     seen = []
     m.vit.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
     with torch.no_grad():
-        assert m.encode_images(pixels(size=size)).shape == (1, 64, 256)  # always the ViT's 8x8 token grid
+        assert m.encode_images(pixels(size=size)).shape == (1, 64, m.config.llm.d_model)  # the ViT's 8x8 grid
     assert seen == [calls]
 
 
@@ -273,9 +273,9 @@ def test_splice_and_loss(base):
     idx, labels, mask = batch()
     x = pixels(B=2)
     with torch.no_grad():
-        img = base.encode_images(x)  # (2, 64, 256)
+        img = base.encode_images(x)  # (2, 64, D)
         embeds, m, lab = base.splice(idx, img, mask, labels)
-        assert embeds.shape == (2, 7 - 1 + 64, 256)
+        assert embeds.shape == (2, 7 - 1 + 64, base.config.llm.d_model)
         torch.testing.assert_close(embeds[0, 2:66], img[0], rtol=0, atol=0)
         torch.testing.assert_close(embeds[1, 1:65], img[1], rtol=0, atol=0)
         torch.testing.assert_close(embeds[0, 66:], base.llm.embed(idx[0, 3:]), rtol=0, atol=0)
@@ -342,7 +342,8 @@ def test_presets():
     paper, tiny_cfg = INFLLaVAConfig.preset("paper"), INFLLaVAConfig.preset("tiny")
     assert (paper.vit.image_size, paper.vit.width, paper.image_size, paper.dual) == (336, 1024, 1008, True)
     assert paper.llm == inf.LLMConfig.preset("llama3-8b") and paper.template == "llama3"
-    assert (tiny_cfg.vit.image_size, tiny_cfg.image_size, tiny_cfg.llm.d_model) == (64, 192, 128)
+    assert (tiny_cfg.vit.image_size, tiny_cfg.image_size) == (64, 192)
+    assert tiny_cfg.vit == inf.ViTConfig.preset("tiny") and tiny_cfg.llm == inf.LLMConfig.preset("tiny")
     rel = INFLLaVAConfig.preset("paper-release")
     assert {k: getattr(rel, k) for k in inf.RELEASE} == inf.RELEASE
     with pytest.raises(ValueError, match="paper-x"):
