@@ -326,17 +326,15 @@ def tiny_base():
     if os.path.exists(os.path.join(root, "done")):
         return dirs
     print(f"building the tiny pretrained ViT and LM once, cached in {root} ...")
-    work = root + ".work"
+    work = os.path.join(root, "run")  # the LLaVA-style run that trained them; kept for inspection
     shutil.rmtree(work, ignore_errors=True)
     main(["--model=llava", "--stage=base", "--from_scratch=True", f"--out_dir={work}", "--max_iters=600",
           "--batch_size=16", "--eval_interval=600", "--eval_answers=16"], distributed=False)
     import hire
     model = hire.HIRE.load(os.path.join(work, "ckpt"))
-    os.makedirs(root, exist_ok=True)
     model.vit.save_pretrained(dirs[0])
     model.llm.save_pretrained(dirs[1])
     open(os.path.join(root, "done"), "w").close()
-    shutil.rmtree(work, ignore_errors=True)
     return dirs
 
 
@@ -437,9 +435,10 @@ def main(argv=None, distributed=True):
         model = torch.compile(model)
 
     # --- data: the stage's template, the model's image size; each rank reads its own share
-    template = recipe.get("template", mcfg.template)
-    make = lambda split, n: data.make_dataset(cfg.data, tok, template=template, image_size=mcfg.image_size,
-                                              pad_square=mcfg.pad_square, max_len=cfg.max_len, split=split,
+    template = recipe.get("template", raw_model.config.template)
+    mc = raw_model.config  # as the model resolved it (e.g. S2's input is its largest scale)
+    make = lambda split, n: data.make_dataset(cfg.data, tok, template=template, image_size=mc.image_size,
+                                              pad_square=mc.pad_square, max_len=cfg.max_len, split=split,
                                               n=n, seed=cfg.seed, image_dir=cfg.image_dir, skip_bad=cfg.skip_bad)
     train_set, val_set = make("train", cfg.n_train), make("val", cfg.n_val)
     if cfg.batch_size * cfg.grad_accum > len(train_set):
