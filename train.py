@@ -77,7 +77,6 @@ class TrainConfig:
     num_workers: int = 1          # DataLoader workers: image decoding stays off the training process
     eval_interval: int = 100
     eval_answers: int = 32        # greedy answers scored by exact match at each evaluation
-    log_interval: int = 1
     from_scratch: bool = False    # tiny presets: random ViT/LM instead of the cached tiny base
 
 
@@ -116,6 +115,10 @@ def parse_args(argv):
     """Split `--key=value` (or `--flag`) arguments into TrainConfig and model-config overrides."""
     cfg, overrides = TrainConfig(), {}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\nTrainConfig (defaults):\n" + "\n".join(
+            f"  --{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(TrainConfig)))
+        sys.exit(0)
     args = list(argv)
     while args:
         arg = args.pop(0)

@@ -166,9 +166,10 @@ def test_image_splice_puts_visual_tokens_where_image_was():
     idx = torch.tensor([[1, 5, 6, IMAGE_ID, 7, 8, 9], [1, IMAGE_ID, 10, 11, 12, 13, 14]])
     labels = torch.tensor([[IGNORE, IGNORE, IGNORE, IGNORE, 7, 8, 9], [IGNORE, IGNORE, 10, 11, 12, 13, 14]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
-    img = torch.randn(2, 64, 256)
+    D = m.config.llm.d_model
+    img = torch.randn(2, 64, D)
     emb, lab, msk = m.splice(idx, img, labels, mask)
-    assert emb.shape == (2, 7 - 1 + 64, 256)
+    assert emb.shape == (2, 7 - 1 + 64, D)
     for b, p in enumerate([3, 1]):
         assert torch.equal(emb[b, p:p + 64], img[b])
         assert torch.equal(emb[b, :p], m.llm.embed(idx[b, :p]))
@@ -198,7 +199,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         hire.HIRE(dataclasses.replace(hire.HIREConfig.preset("tiny"), image_size=100))
     with pytest.raises(ValueError, match="s2_scales"):
         hire.HIRE(dataclasses.replace(hire.HIREConfig.preset("tiny"), enricher="s2", s2_scales=[64, 96]))
-    m.projector[0] = torch.nn.Linear(128, 256)  # an LLaVA-1.5 projector on the HIRE features
+    D = m.config.llm.d_model
+    m.projector[0] = torch.nn.Linear(128, D)  # an LLaVA-1.5 projector on the HIRE features
     with pytest.raises(ValueError, match="projector takes 128 features per token but enricher='hire' gives 256"):
         m(px, torch.tensor([[1, IMAGE_ID]]))
     # a checkpoint whose config says another enricher than its weights
@@ -206,7 +208,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     llava.save(str(tmp_path / "ck"))
     cfg = (tmp_path / "ck" / "config.json").read_text().replace('"enricher": "none"', '"enricher": "s2"')
     (tmp_path / "ck" / "config.json").write_text(cfg)
-    with pytest.raises(ValueError, match=r"projector\.0\.weight: file \(256, 128\) vs model \(256, 384\)"):
+    with pytest.raises(ValueError, match=rf"projector\.0\.weight: file \({D}, 128\) vs model \({D}, 384\)"):
         hire.HIRE.load(str(tmp_path / "ck"))
 
 
@@ -240,7 +242,7 @@ def test_stages_train_projector_enricher_then_lora_never_vit(tmp_path):
     groups = m.configure_stage("finetune")
     assert [(g["name"], g["lr"]) for g in groups] == [("projector", 2e-5), ("enricher", 2e-5), ("lora", 2e-4)]
     lora = vitlib.lora_parameters(m.llm, "lora")
-    assert len(lora) == 2 * 7 * 4 and lora[0].shape == (128, 256)  # A, B on q/k/v/o/gate/up/down of 4 blocks
+    assert len(lora) == 2 * 7 * 4 and lora[0].shape == (128, m.config.llm.d_model)  # A, B on q/k/v/o/gate/up/down of 4 blocks
     for p in lora:  # B starts at zero: make the adapter matter for the round trip below
         torch.nn.init.normal_(p, std=0.02)
     got = grads_by_part(m, px, idx)
