@@ -387,23 +387,21 @@ def main(argv=None, distributed=True):
     if cfg.stage not in Model.STAGES:
         raise ValueError(f"--stage={cfg.stage!r}: --model={cfg.model} has stages {', '.join(Model.STAGES)}")
     mcfg.vit_path, mcfg.llm_path = cfg.vit or mcfg.vit_path, cfg.llm or mcfg.llm_path
-    tok_dir = mcfg.llm_path
-    if cfg.preset == "tiny":
-        tok_dir = tiny_tokenizer() if master else None
-        if not (mcfg.vit_path or mcfg.llm_path or cfg.from_scratch):
-            if master:
-                mcfg.vit_path, mcfg.llm_path = tiny_base()
-            if world > 1:
-                dist.barrier()
-            mcfg.vit_path, mcfg.llm_path = tiny_base()
-        tok_dir = tiny_tokenizer()
-    if not tok_dir:
-        raise ValueError(f"--preset={cfg.preset} needs --llm=DIR (the language model and its tokenizer)")
-    tok = Tokenizer.from_pretrained(tok_dir)
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         check_out_dir(cfg)
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    if cfg.preset == "tiny" and not (mcfg.vit_path or mcfg.llm_path or cfg.from_scratch):
+        if master:
+            tiny_base()  # built once, by one process
+        if world > 1:
+            dist.barrier()
+        mcfg.vit_path, mcfg.llm_path = tiny_base()
+    # the tokenizer travels with checkpoints; else it is the LM's, or the tiny one
+    tok_dir = (ckpt_dir if cfg.resume else cfg.init) or cfg.llm or (tiny_tokenizer() if cfg.preset == "tiny" else "")
+    if not tok_dir:
+        raise ValueError(f"--preset={cfg.preset} needs --llm=DIR (the language model and its tokenizer)")
+    tok = Tokenizer.from_pretrained(tok_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.resume or cfg.init:
         model = Model.load(ckpt_dir if cfg.resume else cfg.init)

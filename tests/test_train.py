@@ -122,12 +122,21 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache):
     assert step == len(losses(out)) >= 2
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path):
+def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    import hire
     out = run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1")
-    with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        train.main(FAST + ["--model=hire", "--stage=pretrain", "--max_iters=20", "--lr_scale=1e30", "--resume",
-                           "--grad_clip=1e30", f"--out_dir={out}"], distributed=False)
-    assert train.read_train_state(os.path.join(out, "ckpt"))["step"] == 1
+    forward, calls = hire.HIRE.forward, []
+
+    def diverges(self, *a, **k):  # the 3rd training forward (step 3) overflows
+        logits, loss = forward(self, *a, **k)
+        calls.append(1)
+        return logits, loss * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(hire.HIRE, "forward", diverges)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3"):
+        train.main(FAST + ["--model=hire", "--stage=pretrain", "--max_iters=20", "--eval_interval=100", "--resume",
+                           f"--out_dir={out}"], distributed=False)
+    assert train.read_train_state(os.path.join(out, "ckpt"))["step"] == 1  # the last good checkpoint stays
 
 
 @pytest.mark.parametrize("model", ["llava", "llava_s2", "hire", "inf_llava", "pheye"])
@@ -136,7 +145,7 @@ def test_every_tiny_model_learns(tmp_path, model):
               "--warmup_iters=3", "--batch_size=8")
     ls = losses(out)
     first, last = sum(ls[:3]) / 3, sum(ls[-3:]) / 3
-    assert last < 0.8 * first, (first, last)
+    assert last < first - 0.5, (first, last)  # nats; from random weights, so the first loss is about ln(512)
 
 
 def test_command_line_parsing():
