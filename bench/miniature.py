@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from importlib import import_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,11 +112,13 @@ def evaluate_checkpoint(run_dir, model, n_test, batch_size=32, max_new_tokens=8)
                                  image_size=c.image_size, pad_square=c.pad_square)
     qa = test.qa_set(n_test)
     loader = torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate)
-    right, total, prompt_tokens = dict.fromkeys(SIZES, 0), dict.fromkeys(SIZES, 0), []
+    right, total, prompt_tokens, samples = dict.fromkeys(SIZES, 0), dict.fromkeys(SIZES, 0), [], []
     for b in loader:
         out = net.generate(b["pixels"], b["ids"], max_new_tokens=max_new_tokens, mask=b["mask"], eos_id=tok.eos_id)
         for row, answer, size, m, ids in zip(out.tolist(), b["answer"], b["detail"], b["mask"], b["ids"]):
             said = data.answer_text(tok, row)
+            if len(samples) < 6:
+                samples.append(dict(truth=answer, said=said, size=size))
             right[size] += data.normalize_answer(said) == data.normalize_answer(answer)
             total[size] += 1
             prompt_tokens.append(int(m.sum()) - int((ids == data.IMAGE_ID).sum()))  # text tokens of the prompt
@@ -127,30 +129,64 @@ def evaluate_checkpoint(run_dir, model, n_test, batch_size=32, max_new_tokens=8)
     return dict(accuracy=acc, n=dict(total, overall=sum(total.values())), stage=stage,
                 params_trained=trained_parameters(net, stage), text_tokens=text_tokens,
                 first_token_mflops=cost.macs / 1e6, first_token_mflops_fvcore=cost.fvcore / 1e6,
-                s_per_step=step_time(os.path.join(run_dir, "log.jsonl")))
+                s_per_step=step_time(os.path.join(run_dir, "log.jsonl")), samples=samples)
+
+
+def answer_prior(n_test, n_train=4000, seed=1):
+    """What answering without the image scores: the most frequent training answer of each question kind (char,
+    shape, dots), scored on the same test questions. The floor every model should rise above."""
+    counts = {}
+    for i in range(n_train):
+        rec = data.synthetic_record(seed, "train", i)[0]
+        kind = counts.setdefault(rec["kind"], {})
+        kind[rec["conversations"][1]["value"]] = kind.get(rec["conversations"][1]["value"], 0) + 1
+    guess = {kind: max(c, key=c.get) for kind, c in counts.items()}
+    right, total = dict.fromkeys(SIZES, 0), dict.fromkeys(SIZES, 0)
+    for i in range(n_test):
+        rec = data.synthetic_record(TEST_SEED, "test", i)[0]
+        right[rec["detail"]] += guess.get(rec["kind"]) == rec["conversations"][1]["value"]
+        total[rec["detail"]] += 1
+    acc = {s: right[s] / total[s] for s in SIZES if total[s]}
+    acc["overall"] = sum(right.values()) / sum(total.values())
+    return acc
 
 
 # ----------------------------------------------------------------------------- one run, and the grid
 def train_argv(args, model, overrides, seed, run_dir):
     argv = [f"--model={model}", "--preset=tiny", f"--out_dir={run_dir}", "--overwrite=True",
             f"--max_iters={args.iters}", f"--batch_size={args.batch_size}", f"--seed={seed}",
+            f"--lr_scale={args.lr_scale}",
             f"--n_train={args.n_train}", f"--n_val={args.batch_size}", f"--eval_interval={args.iters}",
             "--eval_answers=1", f"--from_scratch={args.from_scratch}"]
     return argv + [f"--{k}={v}" for k, v in overrides.items()]
 
 
-def run_one(args, key, seed):
-    """Train one (model, seed) with train.py and evaluate it; result.json in its run directory. In-process."""
-    _, label, model, overrides = next(r for r in GRID if r[0] == key)
+def run_spec(args, key, seed):
+    """(run directory, train.py arguments, what a reusable result.json must have been made with)."""
+    _, _, model, overrides = next(r for r in GRID if r[0] == key)
     run_dir = os.path.join(args.out, "runs", f"{key}-seed{seed}")
     argv = train_argv(args, model, overrides, seed, run_dir)
-    spec = dict(train_argv=argv, n_test=args.n_test)
-    done = os.path.join(run_dir, "result.json")
-    if os.path.exists(done) and not args.force:
-        with open(done) as f:
-            result = json.load(f)
-        if result["spec"] == spec:
-            return result
+    return run_dir, argv, dict(train_argv=argv, n_test=args.n_test)
+
+
+def cached(args, key, seed):
+    """The run's result.json if one exists made with the same arguments (and --force is not given), else None."""
+    run_dir, _, spec = run_spec(args, key, seed)
+    path = os.path.join(run_dir, "result.json")
+    if args.force or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    return result if result["spec"] == spec else None
+
+
+def run_one(args, key, seed):
+    """Train one (model, seed) with train.py and evaluate it; result.json in its run directory. In-process."""
+    result = cached(args, key, seed)
+    if result is not None:
+        return result
+    model = next(r for r in GRID if r[0] == key)[2]
+    run_dir, argv, spec = run_spec(args, key, seed)
     os.makedirs(run_dir, exist_ok=True)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.main installs its own
     t0 = time.time()
@@ -163,6 +199,7 @@ def run_one(args, key, seed):
             signal.signal(s, h)
     result = dict(key=key, seed=seed, spec=spec, train_wall_s=round(time.time() - t0, 1),
                   **evaluate_checkpoint(run_dir, model, args.n_test))
+    done = os.path.join(run_dir, "result.json")
     with open(done + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(done + ".tmp", done)
@@ -209,7 +246,7 @@ def markdown(rows, meta):
     pm = lambda a: f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
     lines = [f"Exact-match accuracy (%) of greedy answers on {meta['n_test']} held-out questions (a third per "
              f"detail size), mean ± std over seeds {meta['seeds']}. Every model: {meta['iters']} steps of batch "
-             f"{meta['batch_size']}, its instruction stage, the same tiny "
+             f"{meta['batch_size']}, its instruction stage (learning rates x {meta['lr_scale']}), the same tiny "
              f"{'random' if meta['from_scratch'] else 'pretrained'} ViT/LM and tokenizer. FLOPs: analytic "
              f"(flops.py), first token, 1 FLOP = 1 multiply-add. s / step: median wall time, {meta['jobs']} "
              f"run(s) at a time, {meta['threads']} thread(s) each.",
@@ -219,7 +256,13 @@ def markdown(rows, meta):
         lines.append(f"| {r['label']} | {pm(a['overall'])} | {pm(a['large'])} | {pm(a['medium'])} | "
                      f"{pm(a['small'])} | {r['params_trained'] / 1e6:.2f} M | {r['first_token_mflops']:.1f} | "
                      f"{r['s_per_step']['mean']:.2f} ± {r['s_per_step']['std']:.2f} |")
-    lines += ["", f"Command: `{meta['command']}`; wall time {meta['wall_s'] / 60:.1f} min."]
+    prior = meta["answer_prior"]
+    lines += ["", f"Without the image (the most frequent training answer of each question kind): "
+                  f"{100 * prior['overall']:.1f} overall, {100 * prior['large']:.1f} / {100 * prior['medium']:.1f} / "
+                  f"{100 * prior['small']:.1f} on large / medium / small.",
+              "", f"Command: `{meta['command']}`; wall time {meta['wall_s'] / 60:.1f} min"
+                  + (f" ({meta['reused']} of {meta['runs']} runs reused from an earlier result.json)." if meta["reused"]
+                     else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -228,6 +271,8 @@ def parse_args(argv):
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every model")
     ap.add_argument("--iters", type=int, default=300, help="optimizer steps per run (every model the same)")
     ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--lr_scale", type=float, default=1.0,
+                    help="train.py's --lr_scale for every run: scales each recipe's learning rates alike")
     ap.add_argument("--n_train", type=int, default=4000)
     ap.add_argument("--n_test", type=int, default=300, help="test questions (sizes cycle large/medium/small)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, each one thread; 1: all in this process")
@@ -250,6 +295,7 @@ def parse_args(argv):
         ap.error(f"unknown grid key(s) {bad}; the grid has {keys}")
     args.out = os.path.abspath(args.out)
     args.passthrough = [f"--iters={args.iters}", f"--batch_size={args.batch_size}", f"--n_train={args.n_train}",
+                        f"--lr_scale={args.lr_scale}",
                         f"--n_test={args.n_test}", f"--out={args.out}"] + (["--from_scratch"] if args.from_scratch
                                                                             else []) + (["--force"] if args.force
                                                                                         else [])
@@ -266,20 +312,32 @@ def main(argv=None):
     if not args.from_scratch:
         train.tiny_base()  # built once here, not by two runs racing for the cache
     train.tiny_tokenizer()
-    # the slowest runs first (CPU time per step measured on the tiny presets: HIRE's enricher is ~8x LLaVA's step),
-    # so that the last to start are short and the --jobs workers finish together
+    # the slowest runs first (CPU time per step measured on the tiny presets; HIRE's enricher is by far the
+    # slowest), so that the last to start are short and the --jobs workers finish together
     order = {k: i for i, k in enumerate(["hire", "inf_llava", "pheye", "inf_llava_dcm_add", "llava_s2", "llava"])}
     jobs = sorted(((k, s) for k in args.keys for s in range(1, args.seeds + 1)), key=lambda j: order.get(j[0], 9))
+    reused = sum(cached(args, *job) is not None for job in jobs)
+    results = []
+
+    def finished(r):
+        results.append(r)
+        print(f"[{len(results)}/{len(jobs)}] {r['key']} seed {r['seed']}: accuracy {r['accuracy']['overall']:.1%}, "
+              f"{r['s_per_step']:.2f} s/step, {(time.time() - t0) / 60:.1f} min", flush=True)
+
     if args.jobs <= 1:
-        results = [run_one(args, k, s) for k, s in jobs]
+        for job in jobs:
+            finished(run_one(args, *job))
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda j: run_in_child(args, *j), jobs))
+            for f in as_completed([pool.submit(run_in_child, args, *job) for job in jobs]):
+                finished(f.result())
     rows = summarise(results)
-    meta = dict(command="python bench/miniature.py " + " ".join(argv), wall_s=time.time() - t0, seeds=
-                list(range(1, args.seeds + 1)), iters=args.iters, batch_size=args.batch_size, n_test=args.n_test,
+    meta = dict(command="python bench/miniature.py " + " ".join(argv), wall_s=time.time() - t0,
+                seeds=list(range(1, args.seeds + 1)), iters=args.iters, batch_size=args.batch_size,
+                n_test=args.n_test, lr_scale=args.lr_scale,
                 from_scratch=args.from_scratch, jobs=max(1, args.jobs),
-                threads=torch.get_num_threads() if args.jobs <= 1 else 1)
+                threads=torch.get_num_threads() if args.jobs <= 1 else 1, answer_prior=answer_prior(args.n_test),
+                runs=len(jobs), reused=reused)
     table = markdown(rows, meta)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "miniature.md"), "w") as f:

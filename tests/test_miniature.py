@@ -47,6 +47,10 @@ def test_table_has_every_row_and_column(grid):
             assert all(0.0 <= a <= 1.0 for a in acc["values"]) and len(acc["values"]) == 1
         assert r["n_test"] == {"large": 2, "medium": 2, "small": 2, "overall": 6}
         assert r["s_per_step"]["mean"] > 0
+    # the no-image floor: one fixed guess per question kind scores at least 1/17 (characters) and at most 1/3
+    prior = saved["meta"]["answer_prior"]
+    assert 1 / 17 <= prior["overall"] <= 1 / 3 and prior["overall"] * 6 == round(prior["overall"] * 6)
+    assert any(line.startswith("Without the image") for line in lines)
 
 
 def test_flops_column_is_flops_py(grid):
