@@ -12,6 +12,7 @@ The model file says what each stage trains and at which learning rate (its STAGE
 this file never branches on the model beyond picking it.
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -328,6 +329,15 @@ def tiny_base():
     dirs = os.path.join(root, "vit"), os.path.join(root, "llm")
     if os.path.exists(os.path.join(root, "done")):
         return dirs
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for that one
+        if not os.path.exists(os.path.join(root, "done")):
+            build_tiny_base(root, dirs)
+    return dirs
+
+
+def build_tiny_base(root, dirs):
     print(f"building the tiny pretrained ViT and LM once, cached in {root} ...")
     work = os.path.join(root, "run")  # the LLaVA-style run that trained them; kept for inspection
     shutil.rmtree(work, ignore_errors=True)
@@ -338,7 +348,6 @@ def tiny_base():
     model.vit.save_pretrained(dirs[0])
     model.llm.save_pretrained(dirs[1])
     open(os.path.join(root, "done"), "w").close()
-    return dirs
 
 
 # ----------------------------------------------------------------------------- evaluation
