@@ -90,7 +90,10 @@ class INFLLaVAConfig:
         if base == "paper":
             cfg = INFLLaVAConfig()
         elif base == "tiny":
-            cfg = INFLLaVAConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=192)
+            # the tiny LM is LLaMA-2-style and was pretrained with vicuna_v1 (train.tiny_base): INF-LLaVA speaks
+            # its LM's own chat template, and LLaMA-3's header/<|eot_id|> tokens are untrained in it
+            cfg = INFLLaVAConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=192,
+                                 template="vicuna_v1")
         else:
             cfg = None
         if cfg is None or release not in ("", "release"):
@@ -279,7 +282,7 @@ class INFLLaVA(nn.Module):
     STAGES = {
         "pretrain": {"template": "plain", "train": {"dem": 1e-3, "projector": 1e-3}, "schedule": "cosine",
                      "warmup_ratio": 0.03, "global_batch": 256, "epochs": 1, "weight_decay": 0.0},
-        "finetune": {"template": "llama3", "train": {"dem": 2e-5, "projector": 2e-5, "llm": 2e-5},
+        "finetune": {"train": {"dem": 2e-5, "projector": 2e-5, "llm": 2e-5},  # template: config.template
                      "schedule": "cosine", "warmup_ratio": 0.03, "global_batch": 128, "epochs": 1,
                      "weight_decay": 0.0},
     }
