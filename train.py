@@ -158,7 +158,8 @@ def full_state(raw_model, optimizer, sharded):
     if not sharded:
         return None, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    weights, opt = get_state_dict(raw_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, opt = get_state_dict(raw_model, optimizer, options=options)
     unique = {n for n, _ in raw_model.named_parameters()} | {n for n, _ in raw_model.named_buffers()}
     return {k: v for k, v in weights.items() if k in unique}, opt  # tied twins once, as Model.save does
 
@@ -434,7 +435,8 @@ def main(argv=None, distributed=True):
         params = dict(raw_model.named_parameters())
         groups = [dict(g, params=[params[n] for n in g["params"]]) for g in groups]
     elif world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ddp_model = model
     optimizer = make_optimizer(groups, cfg, device)
     state = read_train_state(ckpt_dir) if cfg.resume else None
@@ -487,8 +489,8 @@ def main(argv=None, distributed=True):
 
     # --- Ctrl-C / preemption: finish the step, save, exit cleanly
     stop = {"signal": None}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, _: stop.update(signal=signal.Signals(s).name))
+    handlers = {sig: signal.signal(sig, lambda s, _: stop.update(signal=signal.Signals(s).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
 
     if master:
         n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
@@ -497,73 +499,79 @@ def main(argv=None, distributed=True):
         print(f"device {device}, {world} process(es), precision: {why}; global batch "
               f"{cfg.batch_size * cfg.grad_accum} = {cfg.batch_size} x {accum} micro-steps x {world}")
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w") if master else None
-    bar = tqdm(total=cfg.max_iters, initial=start, disable=not master, dynamic_ncols=True)
-    t_start, t_data, t_step = time.time(), 0.0, 0.0
-    step = start
-    while step < cfg.max_iters:
-        t0 = time.time()
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_multiplier(step, cfg)
-        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
-        t1 = time.time()
-        # Loss = sum of token losses over the whole effective batch / its number of supervised tokens
-        # (Pheye Sec. 3.1), so micro-batches and ranks of different lengths weigh by their tokens.
-        n_tok = all_reduce(sum(data.count_targets(b["labels"]) for b in micro).float(), world)
-        n_seen = all_reduce(sum(b["mask"].sum() for b in micro).float(), world)
-        loss_sum = torch.zeros((), device=device)
-        for m, b in enumerate(micro):
-            last = m == accum - 1
-            if cfg.fsdp:
-                ddp_model.set_requires_gradient_sync(last)
-            sync = ddp_model.no_sync() if world > 1 and not cfg.fsdp and not last else nullcontext()
-            with sync:
-                with ctx:
-                    _, loss = model(b["pixels"], b["ids"], labels=b["labels"], mask=b["mask"], reduction="sum")
-                # DDP averages gradients over ranks: scale by world so that sum / n_tok above holds
-                scaler.scale(loss * world / n_tok).backward()
-            loss_sum += loss.detach().float()
-        step_loss = (all_reduce(loss_sum, world) / n_tok).item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"non-finite loss ({step_loss}) at step {step}: stopping; the last good "
-                                     f"checkpoint ({ckpt_dir}) is kept")
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        t2 = time.time()
-        t_data, t_step = t_data + (t1 - t0), t_step + (t2 - t0)
-        if master:
-            lr = optimizer.param_groups[0]["lr"]
-            rec = dict(iter=step, loss=round(step_loss, 6), lr=lr, tokens_per_s=round(n_seen.item() / (t2 - t0), 1),
-                       elapsed_s=round(time.time() - t_start, 3), data_s=round(t1 - t0, 4))
-            log.write(json.dumps(rec) + "\n"), log.flush()
-            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            bar.update(1)
-        halt = all_reduce(torch.tensor(float(stop["signal"] is not None), device=device), world, dist.ReduceOp.MAX if world > 1 else None)
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters or halt.item():
-            if not halt.item():
-                val_loss, acc, shown = evaluate(raw_model, val_loader, qa, tok, device, ctx, world)
-                if master:
-                    log.write(json.dumps(dict(iter=step, val_loss=round(val_loss, 6), accuracy=acc)) + "\n")
-                    log.flush()
-                    bar.write(f"step {step}: val loss {val_loss:.4f}" + (f", exact-match accuracy {acc:.1%}" if qa else ""))
-            checkpoint(step)
-        if halt.item():
+    step, step_loss, shown = start, float("nan"), []
+    try:
+        bar = tqdm(total=cfg.max_iters, initial=start, disable=not master, dynamic_ncols=True)
+        t_start, t_data, t_step = time.time(), 0.0, 0.0
+        while step < cfg.max_iters:
+            t0 = time.time()
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * lr_multiplier(step, cfg)
+            micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
+            t1 = time.time()
+            # Loss = sum of token losses over the whole effective batch / its number of supervised tokens
+            # (Pheye Sec. 3.1), so micro-batches and ranks of different lengths weigh by their tokens.
+            n_tok = all_reduce(sum(data.count_targets(b["labels"]) for b in micro).float(), world)
+            n_seen = all_reduce(sum(b["mask"].sum() for b in micro).float(), world)
+            loss_sum = torch.zeros((), device=device)
+            for m, b in enumerate(micro):
+                last = m == accum - 1
+                if cfg.fsdp:
+                    ddp_model.set_requires_gradient_sync(last)
+                sync = ddp_model.no_sync() if world > 1 and not cfg.fsdp and not last else nullcontext()
+                with sync:
+                    with ctx:
+                        _, loss = model(b["pixels"], b["ids"], labels=b["labels"], mask=b["mask"], reduction="sum")
+                    # DDP averages gradients over ranks: scale by world so that sum / n_tok above holds
+                    scaler.scale(loss * world / n_tok).backward()
+                loss_sum += loss.detach().float()
+            step_loss = (all_reduce(loss_sum, world) / n_tok).item()
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"non-finite loss ({step_loss}) at step {step}: stopping; the last good "
+                                         f"checkpoint ({ckpt_dir}) is kept")
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            t2 = time.time()
+            t_data, t_step = t_data + (t1 - t0), t_step + (t2 - t0)
             if master:
-                bar.write(f"stopped by {stop['signal'] or 'a signal on another rank'} at step {step}; checkpoint "
-                          f"saved in {ckpt_dir}; continue with --resume")
-            break
-    bar.close()
+                lr = optimizer.param_groups[0]["lr"]
+                rec = dict(iter=step, loss=round(step_loss, 6), lr=lr, tokens_per_s=round(n_seen.item() / (t2 - t0), 1),
+                           elapsed_s=round(time.time() - t_start, 3), data_s=round(t1 - t0, 4))
+                log.write(json.dumps(rec) + "\n"), log.flush()
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1)
+            halt = torch.tensor(float(stop["signal"] is not None), device=device)  # any rank stopped: all stop
+            all_reduce(halt, world, dist.ReduceOp.MAX if world > 1 else None)
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters or halt.item():
+                if not halt.item():
+                    val_loss, acc, shown = evaluate(raw_model, val_loader, qa, tok, device, ctx, world)
+                    if master:
+                        log.write(json.dumps(dict(iter=step, val_loss=round(val_loss, 6), accuracy=acc)) + "\n")
+                        log.flush()
+                        scored = f", exact-match accuracy {acc:.1%}" if qa else ""
+                        bar.write(f"step {step}: val loss {val_loss:.4f}{scored}")
+                checkpoint(step)
+            if halt.item():
+                if master:
+                    bar.write(f"stopped by {stop['signal'] or 'a signal on another rank'} at step {step}; checkpoint "
+                              f"saved in {ckpt_dir}; continue with --resume")
+                break
+        bar.close()
+    finally:  # also on errors: the signal handlers go back, the log is closed
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if log:
+            log.close()
     if master and step == cfg.max_iters:
         print(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {step_loss:.4f}, "
               f"data loading {t_data / max(t_step, 1e-9):.1%} of step time")
         for question, answer, said in shown[:5]:
             print(f"  Q: {question}\n     truth: {answer!r}  model: {said!r}")
         print(f"try it: python {MODELS[cfg.model][0]}.py --ckpt {ckpt_dir} --image IMAGE --prompt \"...\"")
-    if log:
-        log.close()
     if world > 1 and distributed:
         dist.destroy_process_group()
     return step
