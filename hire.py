@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 import data
 import vit as vitlib
 from data import IGNORE, IMAGE_ID
-from llm import LLM, LLMConfig
+from llm import LLM, LLMConfig, next_token_loss
 from vit import ViT, ViTConfig
 
 
@@ -441,9 +441,7 @@ class HIRE(nn.Module):
         logits = self.llm(embeds=embeds, mask=mask)
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                               reduction=reduction)
-        return logits, loss
+        return logits, next_token_loss(logits, labels, reduction)
 
     @torch.no_grad()
     def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):

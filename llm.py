@@ -263,6 +263,13 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def next_token_loss(logits, labels, reduction="mean"):
+    """Cross-entropy of position t predicting labels[t+1] (labels aligned with the input, -100 skipped), in fp32.
+    reduction "sum" lets a training loop divide by the supervised tokens of a whole effective batch."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
+
+
 class LLM(nn.Module):
     def __init__(self, config: LLMConfig):
         super().__init__()

@@ -25,8 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-from data import IGNORE
-from llm import LLM, LLMConfig
+from llm import LLM, LLMConfig, next_token_loss
 from vit import ViT, ViTConfig, add_lora, lora_parameters
 
 # Release: LoRA on every linear layer of the ViT and on its patch-embedding convolution.
@@ -253,9 +252,7 @@ class Pheye(nn.Module):
         logits = self.llm(idx, mask=mask, before_layer=self._before_layer(kv))
         if labels is None:
             return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE, reduction=reduction)
-        return logits, loss
+        return logits, next_token_loss(logits, labels, reduction)
 
     @torch.no_grad()
     def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):

@@ -10,15 +10,6 @@ from data import IGNORE, IMAGE_ID
 from inf_llava import INFLLaVA, INFLLaVAConfig, crop_global, crop_local, merge_global, merge_local
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On the shared 2-core machine two intra-op threads run 4-5x slower than one (measured); restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     """The tiny preset with a 2-layer ViT (layer -2 runs one block) and a 2-layer LM: same shapes, faster."""
     cfg = INFLLaVAConfig.preset("tiny")

@@ -10,19 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from pheye import IGNORE, Pheye, PheyeConfig, cross_attention_layers, split_tiles
+from data import IGNORE
+from pheye import Pheye, PheyeConfig, cross_attention_layers, split_tiles
 from vit import ViT, ViTConfig, lora_parameters
 
 N_SUB = 65  # tokens per tiny sub-image: (64 / 8)^2 patches + CLS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These ops are too small to share: on a busy 2-core machine two threads run them ~15x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**changes):

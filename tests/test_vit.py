@@ -16,15 +16,6 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_att
               image_size=32, patch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier stalls (20x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturb_norms(model):
     """LayerNorm weights/biases away from 1/0, so a skipped or misplaced norm can't pass."""
     g = torch.Generator().manual_seed(1)
