@@ -62,7 +62,7 @@ class TrainConfig:
     resume: bool = False
     max_iters: int = 300
     batch_size: int = 8           # per process, per micro-step
-    grad_accum: int = 1           # micro-steps per optimizer step, over all processes
+    grad_accum: int = 0           # micro-steps per optimizer step, over all processes; 0: one per process
     lr_scale: float = 1.0         # multiplies every learning rate of the stage recipe
     warmup_iters: int = 20
     lr_decay_iters: int = 0       # cosine length; default max_iters (set it to train on past a stop)
@@ -384,6 +384,7 @@ def main(argv=None, distributed=True):
     cfg, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world, device = setup_distributed(cfg) if distributed else (0, 1, torch.device("cpu"))
     master = rank == 0
+    cfg.grad_accum = cfg.grad_accum or world
     if cfg.grad_accum % world:
         raise ValueError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
     accum = cfg.grad_accum // world

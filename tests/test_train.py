@@ -77,6 +77,8 @@ def test_two_processes_equal_one(tmp_path, cache, sharding):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(ROOT, "train.py"), *args, f"--out_dir={two}"]
     runs = [["--max_iters=3"]] if sharding == "ddp" else [["--max_iters=2"], ["--max_iters=3", "--resume"]]
+    if sharding == "ddp":  # no --grad_accum under torchrun: one micro-step per process, i.e. 2 here
+        torchrun.remove("--grad_accum=2")
     for extra in runs:
         extra += ["--fsdp=True", "--act_ckpt=True"] if sharding == "fsdp" else []
         r = subprocess.run(torchrun + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
