@@ -247,6 +247,32 @@ def pad_id_of(tok):
     return next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
 
 
+def splice_image(idx, embed, image_embeds, labels=None, mask=None):
+    """LLaVA's splice: each row's single IMAGE_ID position becomes the N image tokens. embed maps ids to
+    (B, T, D) token embeddings; returns embeds (B, T-1+N, D), and labels / mask stretched to match (IGNORE and 1
+    on the image positions)."""
+    B, T = idx.shape
+    N = image_embeds.shape[1]
+    is_image = idx == IMAGE_ID
+    counts = is_image.sum(1)
+    for b in range(B):
+        if counts[b] != 1:
+            raise DataError(f"prompt {b} has {int(counts[b])} <image> placeholders; every row needs exactly one "
+                            f"IMAGE_ID ({IMAGE_ID})")
+    p = is_image.int().argmax(1, keepdim=True)  # (B, 1)
+    t = torch.arange(T - 1 + N, device=idx.device).expand(B, -1)  # output positions
+    # gather index into cat([text (T), image (N)]): text before p, the image tokens, then the rest of the text
+    src = torch.where(t < p, t, torch.where(t < p + N, T + t - p, t - N + 1))
+    text = embed(idx.masked_fill(is_image, 0))
+    both = torch.cat([text, image_embeds.to(text.dtype)], dim=1)
+    embeds = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
+    if labels is not None:
+        labels = torch.cat([labels, labels.new_full((B, N), IGNORE)], dim=1).gather(1, src)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(B, N)], dim=1).gather(1, src)
+    return embeds, labels, mask
+
+
 def count_targets(labels):
     """Tokens the loss counts: the model predicts labels[:, 1:] from the positions before them."""
     return (labels[..., 1:] != IGNORE).sum()

@@ -24,7 +24,6 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 import vit as vitlib
-from data import IGNORE, IMAGE_ID
 from llm import LLM, LLMConfig, next_token_loss
 from vit import ViT, ViTConfig
 
@@ -409,35 +408,12 @@ class HIRE(nn.Module):
         """(B, N, d_model) visual tokens (576 for CLIP-L/336)."""
         return self.projector(self.vision_features(pixels))
 
-    # --- the splice -------------------------------------------------------------------------------------------
-    def splice(self, idx, image_embeds, labels=None, mask=None):
-        """Put the N visual tokens where each row's single IMAGE_ID is: (B, T) -> (B, T-1+N) embeddings, with
-        labels IGNORE and mask 1 on the visual positions."""
-        B, T = idx.shape
-        n_img = (idx == IMAGE_ID).sum(1)
-        for b in range(B):
-            if n_img[b] != 1:
-                raise ValueError(f"prompt {b} has {int(n_img[b])} <image> placeholders (IMAGE_ID {IMAGE_ID}); "
-                                 f"HIRE needs exactly one per prompt")
-        N = image_embeds.shape[1]
-        pos = (idx == IMAGE_ID).int().argmax(1, keepdim=True)  # (B, 1)
-        t = torch.arange(T - 1 + N, device=idx.device).expand(B, -1)  # output positions
-        vis = (t >= pos) & (t < pos + N)
-        src = torch.where(t < pos, t, t - N + 1).clamp(0, T - 1)  # text position each output position reads
-        text = self.llm.embed(idx.masked_fill(idx == IMAGE_ID, 0))  # (B, T, D); the slot's row is replaced below
-        img = image_embeds.to(text.dtype).gather(1, (t - pos).clamp(0, N - 1)[..., None].expand(-1, -1, text.shape[-1]))
-        embeds = torch.where(vis[..., None], img, text.gather(1, src[..., None].expand(-1, -1, text.shape[-1])))
-        if labels is not None:
-            labels = labels.gather(1, src).masked_fill(vis, IGNORE)
-        if mask is not None:
-            mask = mask.gather(1, src).masked_fill(vis, 1)
-        return embeds, labels, mask
-
+    # --- the LLaVA splice (data.splice_image) and the LM ------------------------------------------------------
     def forward(self, pixels, idx, labels=None, mask=None, reduction="mean"):
         """Logits (B, T-1+N, V), and the next-token loss over labels != IGNORE when labels are given."""
         if labels is not None and labels.shape != idx.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match idx {tuple(idx.shape)}")
-        embeds, labels, mask = self.splice(idx, self.encode_images(pixels), labels, mask)
+        embeds, labels, mask = data.splice_image(idx, self.llm.embed, self.encode_images(pixels), labels, mask)
         logits = self.llm(embeds=embeds, mask=mask)
         if labels is None:
             return logits
@@ -446,7 +422,7 @@ class HIRE(nn.Module):
     @torch.no_grad()
     def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):
         """(B, new) token ids; idx left-padded (mask 0 on padding) when prompts differ in length."""
-        embeds, _, mask = self.splice(idx, self.encode_images(pixels), None, mask)
+        embeds, _, mask = data.splice_image(idx, self.llm.embed, self.encode_images(pixels), mask=mask)
         return self.llm.generate(embeds=embeds, mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                  eos_id=eos_id)
 

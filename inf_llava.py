@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-from data import IGNORE, IMAGE_ID
+from data import splice_image
 from llm import LLM, LLMConfig, next_token_loss
 from vit import ViT, ViTConfig
 
@@ -348,32 +348,9 @@ class INFLLaVA(nn.Module):
         """Eq. 8's F_C(F_dual): (B, h_l*w_l, D) visual tokens in the LLM's embedding space."""
         return self.projector(self.image_features(pixels))
 
-    def splice(self, idx, image_embeds, mask=None, labels=None):
-        """Replace each row's single IMAGE_ID with the M visual tokens: embeds (B, T-1+M, D), and the padding mask
-        and labels stretched to match (image positions: mask 1, label IGNORE)."""
-        B, T = idx.shape
-        M = image_embeds.shape[1]
-        is_image = idx == IMAGE_ID
-        counts = is_image.sum(1)
-        if (counts != 1).any():
-            raise ValueError(f"every row of idx needs exactly one IMAGE_ID ({IMAGE_ID}); counts per row: "
-                             f"{counts.tolist()}")
-        p = is_image.int().argmax(1, keepdim=True)  # (B, 1)
-        t = torch.arange(T - 1 + M, device=idx.device).expand(B, -1)  # output positions
-        # gather index into cat([text (T), image (M)]): text before p, image tokens, then the rest of the text
-        src = torch.where(t < p, t, torch.where(t < p + M, T + t - p, t - M + 1))
-        text = self.llm.embed(idx.masked_fill(is_image, 0))
-        both = torch.cat([text, image_embeds.to(text.dtype)], dim=1)
-        embeds = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, M)], dim=1).gather(1, src)
-        if labels is not None:
-            labels = torch.cat([labels, labels.new_full((B, M), IGNORE)], dim=1).gather(1, src)
-        return embeds, mask, labels
-
     def forward(self, pixels, idx, labels=None, mask=None, reduction="mean"):
         """Eq. 8. Logits (B, T-1+M, V); with labels also the next-token loss (image positions skipped)."""
-        embeds, mask, labels = self.splice(idx, self.encode_images(pixels), mask, labels)
+        embeds, labels, mask = splice_image(idx, self.llm.embed, self.encode_images(pixels), labels, mask)
         logits = self.llm(embeds=embeds, mask=mask)
         if labels is None:
             return logits
@@ -382,7 +359,7 @@ class INFLLaVA(nn.Module):
     @torch.no_grad()
     def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):
         """(B, new) token ids; greedy at temperature 0; left padding via mask."""
-        embeds, mask, _ = self.splice(idx, self.encode_images(pixels), mask)
+        embeds, _, mask = splice_image(idx, self.llm.embed, self.encode_images(pixels), mask=mask)
         return self.llm.generate(embeds=embeds, mask=mask, max_new_tokens=max_new_tokens,
                                  temperature=temperature, eos_id=eos_id)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import inf_llava as inf
-from data import IGNORE, IMAGE_ID
+from data import IGNORE, IMAGE_ID, splice_image
 from inf_llava import INFLLaVA, INFLLaVAConfig, crop_global, crop_local, merge_global, merge_local
 
 
@@ -265,7 +265,7 @@ def test_splice_and_loss(base):
     x = pixels(B=2)
     with torch.no_grad():
         img = base.encode_images(x)  # (2, 64, D)
-        embeds, m, lab = base.splice(idx, img, mask, labels)
+        embeds, lab, m = splice_image(idx, base.llm.embed, img, labels, mask)
         assert embeds.shape == (2, 7 - 1 + 64, base.config.llm.d_model)
         torch.testing.assert_close(embeds[0, 2:66], img[0], rtol=0, atol=0)
         torch.testing.assert_close(embeds[1, 1:65], img[1], rtol=0, atol=0)
