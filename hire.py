@@ -139,6 +139,36 @@ class AdaptiveConv(torch.autograd.Function):
         return grad_x, grad_k, None
 
 
+class NeighbourSimilarity(torch.autograd.Function):
+    """sim[b, i*d+j, h, w] = <qp[b, :, h+r, w+r], qp[b, :, h+i, w+j]>: each pixel's key against its d x d neighbours'
+    in the padded key map qp, tap by tap, with the same one-buffer backward as AdaptiveConv (4x autograd's)."""
+
+    @staticmethod
+    def forward(ctx, qp, radius):
+        r, d = radius, 2 * radius + 1
+        H, W = qp.shape[-2] - 2 * r, qp.shape[-1] - 2 * r
+        centre = qp[:, :, r:r + H, r:r + W]
+        sim = qp.new_empty(qp.shape[0], d * d, H, W)
+        for t in range(d * d):
+            i, j = divmod(t, d)
+            torch.sum(qp[:, :, i:i + H, j:j + W] * centre, 1, out=sim[:, t])
+        ctx.save_for_backward(qp)
+        ctx.radius = radius
+        return sim
+
+    @staticmethod
+    def backward(ctx, grad):
+        qp, = ctx.saved_tensors
+        r, d, (H, W) = ctx.radius, 2 * ctx.radius + 1, grad.shape[-2:]
+        grad_qp = torch.zeros_like(qp)
+        centre, grad_centre = qp[:, :, r:r + H, r:r + W], grad_qp[:, :, r:r + H, r:r + W]
+        for t in range(d * d):
+            i, j = divmod(t, d)
+            grad_qp[:, :, i:i + H, j:j + W].addcmul_(grad[:, t:t + 1], centre)
+            grad_centre.addcmul_(grad[:, t:t + 1], qp[:, :, i:i + H, j:j + W])
+        return grad_qp, None
+
+
 def apply_kernel(x, kernel, radius):
     """x (B, C, H, W), kernel (B, d*d, H, W) -> (B, C, H, W): each pixel a weighted sum of its reflect-padded
     d x d neighbourhood, weights shared by all channels."""
@@ -152,8 +182,10 @@ def pool_kernel(kernel, grid, radius):
     (h, w), d = grid, 2 * radius + 1
     s, L = H // h, H // h + 2 * radius
     k = kernel.reshape(B, d, d, h, s, w, s).permute(0, 3, 5, 1, 2, 4, 6)  # (B, h, w, d, d, s, s)
-    # tap (i, j) of output pixel (y, x) of block P reads window position (i + y, j + x)
-    win = sum(F.pad(k[:, :, :, i, j], (j, L - s - j, i, L - s - i)) for i in range(d) for j in range(d))
+    # tap t = (i, j) of output pixel (y, x) of block P reads window position (i + y, j + x). (unbind, not k[..., i, j]:
+    # its backward is one stack, not a zero-filled copy of k per tap)
+    taps = k.flatten(3, 4).unbind(3)
+    win = sum(F.pad(taps[t], (t % d, L - s - t % d, t // d, L - s - t // d)) for t in range(d * d))
     return win.reshape(B, h * w, L * L).transpose(1, 2) / (s * s)  # (B, L*L, h*w), F.unfold's layout
 
 
@@ -181,12 +213,10 @@ class JBU(nn.Module):
 
     def kernel(self, guide, fixup=True):
         """(B, d*d, H, W) kernel for every output pixel of guidance `guide` (B, G, H, W)."""
-        B, _, H, W = guide.shape
-        r, d = self.radius, self.diameter
+        r = self.radius
         q = self.range_proj(guide)  # (B, K, H, W)
-        qp = F.pad(q, [r] * 4, mode="reflect")
         # similarity of each pixel's key to its d*d neighbours', tap by tap (no (B, K, d*d, H, W) tensor)
-        sim = torch.stack([(qp[:, :, i:i + H, j:j + W] * q).sum(1) for i in range(d) for j in range(d)], 1)
+        sim = NeighbourSimilarity.apply(F.pad(q, [r] * 4, mode="reflect"), r)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         k = F.softmax(temp * sim, dim=1) * self.spatial_kernel().view(1, -1, 1, 1).to(sim.dtype)
         k = k / k.sum(1, keepdim=True).clamp_min(1e-7)  # joint bilateral kernel, sums to one

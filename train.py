@@ -76,7 +76,7 @@ class TrainConfig:
     fsdp: bool = False            # shard the LLM's decoder blocks (PyTorch FSDP2 fully_shard)
     act_ckpt: bool = False        # activation checkpointing of the LLM's decoder blocks
     num_workers: int = 1          # DataLoader workers: image decoding stays off the training process
-    eval_interval: int = 100
+    eval_interval: int = 100      # evaluate + checkpoint every N steps; 0: only at the end
     eval_answers: int = 32        # greedy answers scored by exact match at each evaluation
     from_scratch: bool = False    # tiny presets: random ViT/LM instead of the cached tiny base
 
@@ -547,7 +547,7 @@ def main(argv=None, distributed=True):
                 bar.update(1)
             halt = torch.tensor(float(stop["signal"] is not None), device=device)  # any rank stopped: all stop
             all_reduce(halt, world, dist.ReduceOp.MAX if world > 1 else None)
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters or halt.item():
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or halt.item():
                 if not halt.item():
                     val_loss, acc, shown = evaluate(raw_model, val_loader, qa, tok, device, ctx, world)
                     if master:
