@@ -370,14 +370,15 @@ def inf_llava(resolution, vit_cfg="vit-l-14-336", lm="llama3-8b", dual=False, re
 # --- Pheye (Sec. 2.1-2.2) ------------------------------------------------------------------------------------------
 
 def pheye(resolution, interval, vit_cfg="vit-h-14", lm="phi-1.5", text_tokens=65, lora_rank=(8, 16),
-          head_tokens=None):
+          head_tokens=None, local=True):
     """Pheye first token: the ViT with the global adapter on the 224 view and the local adapter on the
     (resolution/224)^2 tiles (last layer, CLS kept: 257 tokens each), two LayerNorms, then the LM over the text
-    alone with dense cross-attention to all P*257 vision tokens every `interval` layers."""
+    alone with dense cross-attention to all P*257 vision tokens every `interval` layers. local=False: the
+    global view alone (P = 1)."""
     c, lm_ = vit_shape(vit_cfg), lm_shape(lm)
     if resolution % c.image_size:
         raise ValueError(f"resolution {resolution} is not a multiple of the ViT tile size {c.image_size}")
-    tiles = (resolution // c.image_size) ** 2
+    tiles = (resolution // c.image_size) ** 2 if local else 0
     n = vit_tokens(c) + 1
     vis = vit(c, lora_rank=lora_rank[0]) + vit(c, lora_rank=lora_rank[1]) * tiles + layer_norm(n * (1 + tiles), c.width)
     return vis + pheye_lm(text_tokens, n * (1 + tiles), lm_, c.width, interval, head_tokens)
@@ -619,17 +620,19 @@ def _tiny_inf_llava(T):
     return INFLLaVA(c).eval(), torch.randn(1, 3, c.image_size, c.image_size), _prompt(T), cost
 
 
-def _tiny_pheye(T):
+def _tiny_pheye(T, local=True):
     import torch
     from pheye import Pheye, PheyeConfig
     c = PheyeConfig.preset("tiny")
+    c.local = local
     cost = pheye(c.image_size, c.interval, vit_cfg=c.vit, lm=c.llm, text_tokens=T,
-                 lora_rank=(c.global_rank, c.local_rank))
+                 lora_rank=(c.global_rank, c.local_rank), local=local)
     return Pheye(c).eval(), torch.randn(1, 3, c.image_size, c.image_size), _prompt(T, image=False), cost
 
 
 TINY = {"llava": lambda T: _tiny_hire("none", T), "s2": lambda T: _tiny_hire("s2", T),
-        "hire": lambda T: _tiny_hire("hire", T), "inf_llava": _tiny_inf_llava, "pheye": _tiny_pheye}
+        "hire": lambda T: _tiny_hire("hire", T), "inf_llava": _tiny_inf_llava, "pheye": _tiny_pheye,
+        "pheye_global": lambda T: _tiny_pheye(T, local=False)}
 
 
 def tiny_model(name, T=12):

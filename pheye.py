@@ -39,6 +39,7 @@ class PheyeConfig:
     image_size: int               # side of the square high-res image forward() takes: tiles * vit.image_size
     tiles: int = 2                # local tiles per side: 2 -> 448 px (P = 5 sub-images), 3 -> 672 px (P = 10)
     interval: int = 4             # I: a cross-attention block before decoder layer i when (i+1) % I == 0
+    local: bool = True            # False: the global view alone, no tiles (the ablation behind Table 2's claim)
     pad_square: bool = False      # release: images are resized (squashed) to a square, never padded
     template: str = "pheye"       # release prompt: system prompt, then "Instruction: {q}\nOutput:"
     vit_path: str | None = None   # HF directory of the CLIP ViT (paper: CLIP-ViT-H/14 trained on DFN-5B)
@@ -166,8 +167,8 @@ class Pheye(nn.Module):
     # train.py divides the gradients by the number of output tokens of the whole effective batch (all
     # micro-steps, all ranks), so short and long answers weigh the same.
     STAGES = {
-        "stage1": dict(lr=2e-4, template="pheye", reduction="sum", batch_size=128, schedule="cosine",
-                       data="captions: ShareGPT4V-PT, one of ten caption instructions per image"),
+        "stage1": dict(lr=2e-4, template="pheye", task="caption", reduction="sum", batch_size=128,
+                       schedule="cosine", data="captions: ShareGPT4V-PT, one of ten caption instructions per image"),
         "stage2": dict(lr=1e-4, template="pheye", reduction="sum", batch_size=128, schedule="cosine",
                        data="instructions: MIMIC-IT, LRV, SViT, LVIS, one turn per sample"),
         "stage3": dict(lr=5e-5, template="pheye", reduction="sum", batch_size=128, schedule="cosine",
@@ -210,6 +211,8 @@ class Pheye(nn.Module):
         # the original image; here it is the S x S one forward() receives, so one tensor feeds both views.
         global_view = F.interpolate(pixels, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
         g = self.norm_global(self.vit(global_view, adapter="global"))           # (B, N', D_vit), last layer
+        if not self.config.local:  # global-only ablation: P = 1
+            return g + self.pos_embed.weight[0]
         t = self.norm_local(self.vit(split_tiles(pixels, n), adapter="local"))  # (B*n*n, N', D_vit), one call
         tokens = torch.cat([g, t.reshape(B, -1, t.shape[-1])], dim=1)           # (B, P*N', D_vit)
         sub_image = torch.arange(1 + n * n, device=pixels.device).repeat_interleave(g.shape[1])  # 0..0,1..1,...
@@ -267,14 +270,15 @@ class Pheye(nn.Module):
     # --- training -------------------------------------------------------------------------------------------
 
     def configure_stage(self, stage: str) -> list[dict]:
-        """Freeze everything, unfreeze what Pheye trains (the same groups in every stage), return param groups."""
+        """Freeze everything, unfreeze what Pheye trains (the same groups in every stage), return param groups.
+        Global-only (local=False): the local adapter and LayerNorm, which never run, stay frozen."""
         if stage not in self.STAGES:
             raise ValueError(f"unknown Pheye stage {stage!r}; choose from {list(self.STAGES)}")
-        lr = self.STAGES[stage]["lr"]
+        lr, local = self.STAGES[stage]["lr"], self.config.local
         groups = {"cross_attn": list(self.xattn.parameters()),
-                  "lora": lora_parameters(self.vit),
+                  "lora": lora_parameters(self.vit, None if local else "global"),
                   "pos_embed": list(self.pos_embed.parameters()),
-                  "norms": [*self.norm_global.parameters(), *self.norm_local.parameters()]}
+                  "norms": [*self.norm_global.parameters(), *(self.norm_local.parameters() if local else [])]}
         self.requires_grad_(False)
         for params in groups.values():
             for p in params:

@@ -105,6 +105,29 @@ def test_tokens_of_sub_image_k_get_row_k():
     torch.testing.assert_close(added, rows[None, :, None].expand_as(added), atol=1e-5, rtol=0)
 
 
+def test_global_only_reads_the_global_view_alone():
+    """local=False (the no-tiles ablation): the vision tokens are exactly the full model's global-view tokens, the
+    tiles never go through the ViT, and the parts that never run (local adapter, local LayerNorm) stay frozen."""
+    full, glob = tiny(), tiny(local=False)
+    glob.load_state_dict(full.state_dict())
+    px = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(glob.encode_image(px), full.encode_image(px)[:, :N_SUB], atol=0, rtol=0)
+        calls = []
+        hook = glob.vit.register_forward_pre_hook(lambda m, args, kw: calls.append((args[0].shape, kw["adapter"])),
+                                                  with_kwargs=True)
+        glob.encode_image(px)
+        hook.remove()
+    assert calls == [((2, 3, 64, 64), "global")]  # one ViT call, on the global view: the tiles never run
+    groups = glob.configure_stage("stage3")
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert not trained & {id(p) for p in lora_parameters(glob.vit, "local")}
+    assert not trained & {id(p) for p in glob.norm_local.parameters()}
+    n = lambda m: sum(p.numel() for g in m.configure_stage("stage3") for p in g["params"])
+    local = sum(p.numel() for p in lora_parameters(full.vit, "local")) + 2 * 128
+    assert n(full) - n(glob) == local
+
+
 # ----------------------------------------------------------------------------- dense cross-attention
 
 @pytest.mark.parametrize("interval, layers", [(2, [1, 3, 5]), (4, [3]), (3, [2, 5])])
