@@ -118,6 +118,10 @@ LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able 
 PHEYE_SYSTEM = ("You are an AI visual assistant and you are seeing a single image. You will receive an instruction "
                 "regarding that image. Your goal is to follow the instruction as faithfully as you can.")
 TEMPLATES = ("vicuna_v1", "llama3", "pheye", "plain")
+# Datasets also take template="mix": sample i in MIX[i % 3], so one run teaches a language model all three
+# instruction formats (the tiny base, train.tiny_base). Pheye's format has no image slot; in a mix the image goes
+# first, so that a LLaVA-style model still sees it.
+MIX = ("vicuna_v1", "llama3", "pheye")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -278,6 +282,11 @@ def count_targets(labels):
     return (labels[..., 1:] != IGNORE).sum()
 
 
+def end_of_turn(tok, template):
+    """The token that ends an answer in this template: <|eot_id|> for llama3, else eos (generation stops there)."""
+    return _special(tok, "<|eot_id|>") if template == "llama3" else tok.eos_id
+
+
 def answer_text(tok, ids):
     """A generated row of ids -> its text, up to the first end-of-turn token (eos or <|eot_id|>)."""
     stops = {tok.eos_id, tok.special.get("<|eot_id|>"), tok.pad_id} - {None}
@@ -299,15 +308,18 @@ class _Samples(torch.utils.data.Dataset):
         self.tok, self.template, self.image_size = tok, template, image_size
         self.pad_square, self.max_len, self.n_truncated = pad_square, max_len, 0
         self.max_pixels = MAX_PIXELS
-        if template not in TEMPLATES:
-            raise DataError(f"unknown chat template {template!r} (one of {', '.join(TEMPLATES)})")
+        if template not in TEMPLATES + ("mix",):
+            raise DataError(f"unknown chat template {template!r} (one of {', '.join(TEMPLATES)}, mix)")
 
     def sample(self, i, prompt_only=False):
         """(pixels, ids, labels, record) of sample i; prompt_only drops the last answer (for generation)."""
         rec = self.record(i)
         where = f"sample {i} (id {rec.get('id')!r})"
         turns = rec["conversations"][:-1] if prompt_only else rec["conversations"]
-        ids, labels = tokenize_conversation(self.tok, turns, self.template, where)
+        template = MIX[i % len(MIX)] if self.template == "mix" else self.template
+        ids, labels = tokenize_conversation(self.tok, turns, template, where)
+        if self.template == "mix" and template == "pheye":
+            ids, labels = [IMAGE_ID] + ids, [IGNORE] + labels
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ids, labels, cut = truncate(ids, labels, self.max_len, where)

@@ -112,6 +112,12 @@ def set_field(obj, key, text):
     setattr(obj, head, parse_value(text, getattr(obj, head), key))
 
 
+def get_field(obj, key):
+    for name in key.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
 def parse_args(argv):
     """Split `--key=value` (or `--flag`) arguments into TrainConfig and model-config overrides."""
     cfg, overrides = TrainConfig(), {}
@@ -324,9 +330,10 @@ def tiny_tokenizer():
 
 def tiny_base():
     """Tiny presets have no public weights to freeze: a tiny ViT and LM are pretrained once on the synthetic
-    set (LLaVA-style, everything trainable at the 64-px view: the "base" stage of hire.py) and cached, so that
-    every model's paper recipe can freeze them as written. Returns (vit_dir, llm_dir)."""
-    root = os.path.join(CACHE, "tiny-base-v1")
+    set (LLaVA-style, everything trainable at the 64-px view, questions in all three instruction templates: the
+    "base" stage of hire.py) and cached, so that every model's paper recipe can freeze them as written.
+    Returns (vit_dir, llm_dir)."""
+    root = os.path.join(CACHE, "tiny-base-v2")
     dirs = os.path.join(root, "vit"), os.path.join(root, "llm")
     if os.path.exists(os.path.join(root, "done")):
         return dirs
@@ -353,7 +360,7 @@ def build_tiny_base(root, dirs):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, max_new_tokens=16):
+def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id, max_new_tokens=16):
     """Validation loss (token mean over all ranks) and exact-match accuracy of greedy answers."""
     raw_model.eval()
     loss_sum, n_tok = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -368,7 +375,7 @@ def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, max_new_tokens=
     for b in qa:
         with ctx:
             out = raw_model.generate(b["pixels"].to(device), b["ids"].to(device), max_new_tokens=max_new_tokens,
-                                     mask=b["mask"].to(device), eos_id=tok.eos_id)
+                                     mask=b["mask"].to(device), eos_id=eos_id)
         for row, question, answer in zip(out.tolist(), b["question"], b["answer"]):
             said = data.answer_text(tok, row)
             correct += data.normalize_answer(said) == data.normalize_answer(answer)
@@ -416,6 +423,10 @@ def main(argv=None, distributed=True):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.resume or cfg.init:
         model = Model.load(ckpt_dir if cfg.resume else cfg.init)
+        for key in overrides:  # a checkpoint's architecture is its own: say so rather than ignore the option
+            if get_field(model.config, key) != get_field(mcfg, key):
+                raise ValueError(f"--{key}={overrides[key]} differs from the checkpoint's {key}="
+                                 f"{get_field(model.config, key)!r} ({ckpt_dir if cfg.resume else cfg.init})")
     elif mcfg.vit_path or mcfg.llm_path:
         model = Model.from_pretrained(mcfg)
     else:
@@ -452,7 +463,8 @@ def main(argv=None, distributed=True):
     mc = raw_model.config  # as the model resolved it (e.g. S2's input is its largest scale)
     make = lambda split, n: data.make_dataset(cfg.data, tok, template=template, image_size=mc.image_size,
                                               pad_square=mc.pad_square, max_len=cfg.max_len, split=split,
-                                              n=n, seed=cfg.seed, image_dir=cfg.image_dir, skip_bad=cfg.skip_bad)
+                                              n=n, seed=cfg.seed, image_dir=cfg.image_dir, skip_bad=cfg.skip_bad,
+                                              task=recipe.get("task"))
     train_set, val_set = make("train", cfg.n_train), make("val", cfg.n_val)
     if cfg.batch_size * cfg.grad_accum > len(train_set):
         raise ValueError(f"a global batch of {cfg.batch_size * cfg.grad_accum} samples is larger than the "
@@ -464,6 +476,7 @@ def main(argv=None, distributed=True):
     batches = iter(loader(train_set, sampler=sampler))
     val_loader = loader(val_set, sampler=list(range(rank, len(val_set), world)))
     n_qa = min(cfg.eval_answers, len(val_set)) if template != "plain" else 0  # captions are not scored
+    eos_id = data.end_of_turn(tok, "vicuna_v1" if template == "mix" else template)  # mix: answer_text cuts
     qa = loader(val_set.qa_set(n_qa), sampler=list(range(rank, n_qa, world))) if n_qa else []
 
     # --- RNG: per-rank streams (dropout), restored exactly on resume
@@ -549,7 +562,7 @@ def main(argv=None, distributed=True):
             all_reduce(halt, world, dist.ReduceOp.MAX if world > 1 else None)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or halt.item():
                 if not halt.item():
-                    val_loss, acc, shown = evaluate(raw_model, val_loader, qa, tok, device, ctx, world)
+                    val_loss, acc, shown = evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id)
                     if master:
                         log.write(json.dumps(dict(iter=step, val_loss=round(val_loss, 6), accuracy=acc)) + "\n")
                         log.flush()

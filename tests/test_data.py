@@ -79,6 +79,23 @@ def test_labels_supervise_exactly_the_answers(tok, template):
     assert sum(y != IGNORE for y in labels) == sum(e - s for s, e in got)
 
 
+def test_mix_cycles_the_instruction_templates_with_the_image_first_for_pheye(tok):
+    """template="mix" (the tiny base's pretraining): sample i in MIX[i % 3], tokenised exactly as that template;
+    Pheye's, which has no image slot, gets one in front; labels still cover just the answer and its end."""
+    ds = data.SyntheticDataset(tok, n=6, split="val", template="mix")
+    for i in range(6):
+        template = data.MIX[i % 3]
+        _, ids, labels = ds[i]
+        want, want_labels = data.tokenize_conversation(tok, ds.record(i)["conversations"], template)
+        if template == "pheye":
+            want, want_labels = [IMAGE_ID] + want, [IGNORE] + want_labels
+        assert (ids, labels) == (want, want_labels) and ids.count(IMAGE_ID) == 1
+        (s, e), = spans(labels)
+        assert tok.decode(ids[s:e - 1]).strip() == ds.record(i)["conversations"][1]["value"]
+    with pytest.raises(data.DataError, match="'mixed'"):
+        data.SyntheticDataset(tok, n=1, template="mixed")
+
+
 @pytest.mark.parametrize("template", ["vicuna_v1", "llama3", "pheye"])
 def test_generation_prompt_is_the_training_prefix(tok, template):
     """Without its last answer, the conversation tokenises to exactly the ids that precede that answer."""

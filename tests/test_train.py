@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import train
@@ -165,6 +166,25 @@ def test_command_line_parsing():
     cfg, over = train.parse_args(["--model=pheye", "--no_such_key=1"])
     with pytest.raises(ValueError, match="unknown option --no_such_key"):
         train.build_model_config(cfg, over)
+
+
+def test_stage_chain_with_init(tmp_path, monkeypatch):
+    """--init starts a stage from another's checkpoint; a recipe's data task reaches the dataset (Pheye stage 1
+    trains on captions); a model option that contradicts the checkpoint's architecture is an error, not ignored."""
+    import data
+    tasks, make = [], data.make_dataset
+    monkeypatch.setattr(data, "make_dataset", lambda *a, **k: tasks.append(k["task"]) or make(*a, **k))
+    first = run(tmp_path, "--model=pheye", "--stage=stage1", "--max_iters=1", "--local=False", name="stage1")
+    second = run(tmp_path, "--model=pheye", "--max_iters=1", f"--init={first}/ckpt", "--local=False", "--seed=7",
+                 name="stage3")
+    assert tasks == ["caption", "caption", None, None]  # train + val of each run
+    assert train.read_train_state(os.path.join(second, "ckpt"))["stage"] == "stage3"
+    a, b = weights(first), weights(second)
+    frozen = [k for k in a if k.startswith("llm.")]  # another seed, yet the frozen LM is stage 1's: loaded
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("xattn."))  # and trained on
+    with pytest.raises(ValueError, match="--local=True differs from the checkpoint's local=False"):
+        run(tmp_path, "--model=pheye", "--max_iters=1", f"--init={first}/ckpt", "--local=True", name="bad")
 
 
 def test_bad_input_errors(tmp_path):
