@@ -90,10 +90,8 @@ class INFLLaVAConfig:
         if base == "paper":
             cfg = INFLLaVAConfig()
         elif base == "tiny":
-            # the tiny LM is LLaMA-2-style and was pretrained with vicuna_v1 (train.tiny_base): INF-LLaVA speaks
-            # its LM's own chat template, and LLaMA-3's header/<|eot_id|> tokens are untrained in it
-            cfg = INFLLaVAConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=192,
-                                 template="vicuna_v1")
+            # llama3 template as the paper; the tiny LM learnt it with the others (train.tiny_base)
+            cfg = INFLLaVAConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=192)
         else:
             cfg = None
         if cfg is None or release not in ("", "release"):
@@ -444,6 +442,6 @@ if __name__ == "__main__":
     # a last human turn without answer: the ids end with the assistant header, ready to generate
     ids, _ = data.tokenize_conversation(tok, [{"from": "human", "value": data.IMAGE_TOKEN + "\n" + args.prompt}],
                                         cfg.template)
-    eos = tok.special.get("<|eot_id|>", tok.eos_id) if cfg.template == "llama3" else tok.eos_id
-    out = model.eval().generate(pixels, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=eos)
+    out = model.eval().generate(pixels, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
+                                eos_id=data.end_of_turn(tok, cfg.template))
     print(data.answer_text(tok, out[0].tolist()))

@@ -3,12 +3,14 @@ The papers' claims in miniature: every model of nanoHiRes trained the same way o
 then scored on held-out questions whose answer is a large, medium or small detail (data.py's "detail" tag).
 
     python bench/miniature.py                       # the grid: 7 models x 3 seeds, table in out/miniature/
-    python bench/miniature.py --seeds 3 --iters 300 --jobs 2
+    python bench/miniature.py --seeds 3 --align_iters 100 --iters 200 --jobs 2
     python bench/miniature.py --quick               # a couple of steps per model, from scratch (smoke test)
 
-Each run is `python train.py --model M --preset tiny --max_iters=N --seed=S ...`: the same tiny pretrained ViT, LM
-and tokenizer (train.tiny_base), the model file's instruction stage (its paper's freezing recipe and learning
-rates), the same steps, batch and seeds for every model. Then the checkpoint answers the test split greedily and
+Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as each paper trains: its alignment
+stage (ALIGN: LLaVA-1.5/HIRE/INF-LLaVA "pretrain" on captions, Pheye "stage1") for --align_iters steps, then its
+instruction stage (the model file's last) from that checkpoint (--init) for --iters steps. Every model starts
+from the same tiny pretrained ViT, LM and tokenizer (train.tiny_base), follows its paper's freezing recipe and
+learning rates, and gets the same steps, batch and seeds. Then the checkpoint answers the test split greedily and
 the answers are scored by exact match (data.normalize_answer), overall and per detail size. The table also gives
 the parameters the stage trains, the analytic first-token cost of the tiny config (flops.py; 1 FLOP = 1
 multiply-add, every one counted, as the papers count) and the median wall time per training step (log.jsonl).
@@ -35,8 +37,8 @@ import flops  # noqa: E402
 import train  # noqa: E402
 
 # key, label, train.py --model, model-config overrides. The switches are the model files' own: INF-LLaVA's
-# dem="none" is Table 6's "w/ DCM" row (F_loc + F_glo, no DEM); Pheye with tiles=1 sees only the 64-px image
-# (its global view plus that same view as one "tile"): the no-extra-resolution control for Table 2.
+# dem="none" is Table 6's "w/ DCM" row (F_loc + F_glo, no DEM); Pheye's local=False reads the same 128-px input
+# through its 64-px global view alone: the no-extra-resolution control for Table 2.
 GRID = [
     ("llava", "LLaVA-1.5, 64 px", "llava", {}),
     ("llava_s2", "LLaVA-1.5-S2, 64+128+192", "llava_s2", {}),
@@ -44,8 +46,10 @@ GRID = [
     ("inf_llava", "INF-LLaVA, 64 + DCM/DEM at 192", "inf_llava", {}),
     ("inf_llava_dcm_add", "INF-LLaVA w/o DEM (F_loc + F_glo), 64 + 192", "inf_llava", {"dem": "none"}),
     ("pheye", "Pheye, 64 global + 2x2 tiles (128)", "pheye", {}),
-    ("pheye_global", "Pheye, 64 only (tiles=1)", "pheye", {"tiles": 1, "image_size": 64}),
+    ("pheye_global", "Pheye, 64 global view only", "pheye", {"local": False}),
 ]
+# each paper's alignment stage, by model file: what runs before the instruction stage
+ALIGN = {"hire": "pretrain", "inf_llava": "pretrain", "pheye": "stage1"}
 SIZES = tuple(data.SIZES)  # large, medium, small
 TEST_SEED = 0  # the test split is the same for every run; training data differs by seed (train.py's --seed)
 
@@ -70,7 +74,7 @@ def first_token_cost(model, config, text_tokens):
         return cost
     if model == "pheye":
         return flops.pheye(config.image_size, config.interval, lora_rank=(config.global_rank, config.local_rank),
-                           **kw)
+                           local=config.local, **kw)
     raise ValueError(f"no first-token cost for --model={model!r}")
 
 
@@ -114,7 +118,8 @@ def evaluate_checkpoint(run_dir, model, n_test, batch_size=32, max_new_tokens=8)
     loader = torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate)
     right, total, prompt_tokens, samples = dict.fromkeys(SIZES, 0), dict.fromkeys(SIZES, 0), [], []
     for b in loader:
-        out = net.generate(b["pixels"], b["ids"], max_new_tokens=max_new_tokens, mask=b["mask"], eos_id=tok.eos_id)
+        out = net.generate(b["pixels"], b["ids"], max_new_tokens=max_new_tokens, mask=b["mask"],
+                           eos_id=data.end_of_turn(tok, template))
         for row, answer, size, m, ids in zip(out.tolist(), b["answer"], b["detail"], b["mask"], b["ids"]):
             said = data.answer_text(tok, row)
             if len(samples) < 6:
@@ -152,21 +157,29 @@ def answer_prior(n_test, n_train=4000, seed=1):
 
 
 # ----------------------------------------------------------------------------- one run, and the grid
-def train_argv(args, model, overrides, seed, run_dir):
+def train_argv(args, model, overrides, seed, run_dir, iters, extra=()):
     argv = [f"--model={model}", "--preset=tiny", f"--out_dir={run_dir}", "--overwrite=True",
-            f"--max_iters={args.iters}", f"--batch_size={args.batch_size}", f"--seed={seed}",
-            f"--lr_scale={args.lr_scale}",
-            f"--n_train={args.n_train}", f"--n_val={args.batch_size}", f"--eval_interval={args.iters}",
-            "--eval_answers=1", f"--from_scratch={args.from_scratch}"]
+            f"--max_iters={iters}", f"--batch_size={args.batch_size}", f"--seed={seed}",
+            f"--lr_scale={args.lr_scale}", f"--n_train={args.n_train}", f"--n_val={args.batch_size}",
+            "--eval_interval=0", "--eval_answers=1", f"--from_scratch={args.from_scratch}", *extra]
     return argv + [f"--{k}={v}" for k, v in overrides.items()]
 
 
 def run_spec(args, key, seed):
-    """(run directory, train.py arguments, what a reusable result.json must have been made with)."""
+    """(run directory, the train.py calls in order, what a reusable result.json must have been made with).
+    With --align_iters the alignment stage trains in run_dir/align and the instruction stage starts from it."""
     _, _, model, overrides = next(r for r in GRID if r[0] == key)
     run_dir = os.path.join(args.out, "runs", f"{key}-seed{seed}")
-    argv = train_argv(args, model, overrides, seed, run_dir)
-    return run_dir, argv, dict(train_argv=argv, n_test=args.n_test)
+    calls = []
+    if args.align_iters:
+        align_dir = os.path.join(run_dir, "align")
+        stage = ALIGN[train.MODELS[model][0]]
+        calls.append(train_argv(args, model, overrides, seed, align_dir, args.align_iters, [f"--stage={stage}"]))
+        calls.append(train_argv(args, model, overrides, seed, run_dir, args.iters,
+                                [f"--init={os.path.join(align_dir, 'ckpt')}"]))
+    else:
+        calls.append(train_argv(args, model, overrides, seed, run_dir, args.iters))
+    return run_dir, calls, dict(train_argv=calls, n_test=args.n_test)
 
 
 def cached(args, key, seed):
@@ -186,14 +199,15 @@ def run_one(args, key, seed):
     if result is not None:
         return result
     model = next(r for r in GRID if r[0] == key)[2]
-    run_dir, argv, spec = run_spec(args, key, seed)
+    run_dir, calls, spec = run_spec(args, key, seed)
     os.makedirs(run_dir, exist_ok=True)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.main installs its own
     t0 = time.time()
     try:
         with open(os.path.join(run_dir, "train.out"), "w") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            train.main(argv, distributed=False)
+            for argv in calls:
+                train.main(argv, distributed=False)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -245,8 +259,9 @@ COLUMNS = ["model", "overall", "large", "medium", "small", "params trained", "fi
 def markdown(rows, meta):
     pm = lambda a: f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}"
     lines = [f"Exact-match accuracy (%) of greedy answers on {meta['n_test']} held-out questions (a third per "
-             f"detail size), mean ± std over seeds {meta['seeds']}. Every model: {meta['iters']} steps of batch "
-             f"{meta['batch_size']}, its instruction stage (learning rates x {meta['lr_scale']}), the same tiny "
+             f"detail size), mean ± std over seeds {meta['seeds']}. Every model, batch {meta['batch_size']}: "
+             + (f"{meta['align_iters']} steps of its alignment stage, then " if meta["align_iters"] else "")
+             + f"{meta['iters']} steps of its instruction stage (learning rates x {meta['lr_scale']}), the same tiny "
              f"{'random' if meta['from_scratch'] else 'pretrained'} ViT/LM and tokenizer. FLOPs: analytic "
              f"(flops.py), first token, 1 FLOP = 1 multiply-add. s / step: median wall time, {meta['jobs']} "
              f"run(s) at a time, {meta['threads']} thread(s) each.",
@@ -269,7 +284,10 @@ def markdown(rows, meta):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Train and score every nanoHiRes model on the fine-detail set.")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every model")
-    ap.add_argument("--iters", type=int, default=300, help="optimizer steps per run (every model the same)")
+    ap.add_argument("--align_iters", type=int, default=100,
+                    help="steps of each paper's alignment stage first (ALIGN; 0: skip it), every model the same")
+    ap.add_argument("--iters", type=int, default=200,
+                    help="steps of the instruction stage (every model the same)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--lr_scale", type=float, default=1.0,
                     help="train.py's --lr_scale for every run: scales each recipe's learning rates alike")
@@ -286,7 +304,7 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
-        args.seeds, args.iters, args.batch_size, args.n_train, args.n_test = 1, 2, 2, 16, 6
+        args.seeds, args.align_iters, args.iters, args.batch_size, args.n_train, args.n_test = 1, 1, 2, 2, 16, 6
         args.from_scratch = True
     keys = [r[0] for r in GRID]
     args.keys = [k for k in args.only.split(",") if k] or keys
@@ -294,7 +312,7 @@ def parse_args(argv):
     if bad:
         ap.error(f"unknown grid key(s) {bad}; the grid has {keys}")
     args.out = os.path.abspath(args.out)
-    args.passthrough = [f"--iters={args.iters}", f"--batch_size={args.batch_size}", f"--n_train={args.n_train}",
+    args.passthrough = [f"--align_iters={args.align_iters}", f"--iters={args.iters}", f"--batch_size={args.batch_size}", f"--n_train={args.n_train}",
                         f"--lr_scale={args.lr_scale}",
                         f"--n_test={args.n_test}", f"--out={args.out}"] + (["--from_scratch"] if args.from_scratch
                                                                             else []) + (["--force"] if args.force
@@ -333,7 +351,7 @@ def main(argv=None):
                 finished(f.result())
     rows = summarise(results)
     meta = dict(command="python bench/miniature.py " + " ".join(argv), wall_s=time.time() - t0,
-                seeds=list(range(1, args.seeds + 1)), iters=args.iters, batch_size=args.batch_size,
+                seeds=list(range(1, args.seeds + 1)), align_iters=args.align_iters, iters=args.iters, batch_size=args.batch_size,
                 n_test=args.n_test, lr_scale=args.lr_scale,
                 from_scratch=args.from_scratch, jobs=max(1, args.jobs),
                 threads=torch.get_num_threads() if args.jobs <= 1 else 1, answer_prior=answer_prior(args.n_test),

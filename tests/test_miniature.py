@@ -84,7 +84,24 @@ def test_trained_parameters(grid):
     projector = d * D + D + D * D + D
     assert next(x for x in rows if x["key"] == "llava")["params_trained"] == lora + projector
     pheye = {x["key"]: x["params_trained"] for x in rows if x["key"].startswith("pheye")}
-    assert pheye["pheye"] - pheye["pheye_global"] == 3 * d  # 2 x 2 tiles: 3 more sub-image embeddings
+    from pheye import Pheye, PheyeConfig
+    from vit import lora_parameters
+    local = sum(p.numel() for p in lora_parameters(Pheye(PheyeConfig.preset("tiny")).vit, "local"))
+    assert pheye["pheye"] - pheye["pheye_global"] == local + 2 * d  # the local adapter and LayerNorm
+
+
+def test_each_run_is_its_papers_alignment_then_instruction_stage(grid):
+    """Two train.py calls per run: the alignment stage (ALIGN), then the instruction stage from its checkpoint."""
+    import train
+    out, rows = grid
+    for key, _, model, overrides in miniature.GRID:
+        run = os.path.join(out, "runs", f"{key}-seed1")
+        first = train.read_train_state(os.path.join(run, "align", "ckpt"))
+        second = train.read_train_state(os.path.join(run, "ckpt"))
+        Model = getattr(__import__(train.MODELS[model][0]), train.MODELS[model][1])
+        assert (first["stage"], first["step"]) == (miniature.ALIGN[train.MODELS[model][0]], 1)
+        assert (second["stage"], second["step"]) == (list(Model.STAGES)[-1], 2)
+        assert second["train_config"]["init"] == os.path.join(run, "align", "ckpt")
 
 
 def test_scorer_counts_exact_matches_per_size(grid, monkeypatch):
