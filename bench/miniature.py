@@ -3,7 +3,7 @@ The papers' claims in miniature: every model of nanoHiRes trained the same way o
 then scored on held-out questions whose answer is a large, medium or small detail (data.py's "detail" tag).
 
     python bench/miniature.py                       # the grid: 7 models x 3 seeds, table in out/miniature/
-    python bench/miniature.py --seeds 3 --align_iters 100 --iters 200 --jobs 2
+    python bench/miniature.py --seeds 3 --align_iters 150 --iters 300 --jobs 2   # the same, spelled out
     python bench/miniature.py --quick               # a couple of steps per model, from scratch (smoke test)
 
 Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as each paper trains: its alignment
@@ -170,15 +170,17 @@ def run_spec(args, key, seed):
     With --align_iters the alignment stage trains in run_dir/align and the instruction stage starts from it."""
     _, _, model, overrides = next(r for r in GRID if r[0] == key)
     run_dir = os.path.join(args.out, "runs", f"{key}-seed{seed}")
+    file, cls_name, _ = train.MODELS[model]
+    instruct = f"--stage={list(getattr(import_module(file), cls_name).STAGES)[-1]}"
     calls = []
     if args.align_iters:
         align_dir = os.path.join(run_dir, "align")
-        stage = ALIGN[train.MODELS[model][0]]
-        calls.append(train_argv(args, model, overrides, seed, align_dir, args.align_iters, [f"--stage={stage}"]))
+        calls.append(train_argv(args, model, overrides, seed, align_dir, args.align_iters,
+                                [f"--stage={ALIGN[file]}"]))
         calls.append(train_argv(args, model, overrides, seed, run_dir, args.iters,
-                                [f"--init={os.path.join(align_dir, 'ckpt')}"]))
+                                [instruct, f"--init={os.path.join(align_dir, 'ckpt')}"]))
     else:
-        calls.append(train_argv(args, model, overrides, seed, run_dir, args.iters))
+        calls.append(train_argv(args, model, overrides, seed, run_dir, args.iters, [instruct]))
     return run_dir, calls, dict(train_argv=calls, n_test=args.n_test)
 
 
@@ -284,9 +286,9 @@ def markdown(rows, meta):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Train and score every nanoHiRes model on the fine-detail set.")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every model")
-    ap.add_argument("--align_iters", type=int, default=100,
+    ap.add_argument("--align_iters", type=int, default=150,
                     help="steps of each paper's alignment stage first (ALIGN; 0: skip it), every model the same")
-    ap.add_argument("--iters", type=int, default=200,
+    ap.add_argument("--iters", type=int, default=300,
                     help="steps of the instruction stage (every model the same)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--lr_scale", type=float, default=1.0,
@@ -330,9 +332,10 @@ def main(argv=None):
     if not args.from_scratch:
         train.tiny_base()  # built once here, not by two runs racing for the cache
     train.tiny_tokenizer()
-    # the slowest runs first (CPU time per step measured on the tiny presets; HIRE's enricher is by far the
-    # slowest), so that the last to start are short and the --jobs workers finish together
-    order = {k: i for i, k in enumerate(["hire", "inf_llava", "pheye", "inf_llava_dcm_add", "llava_s2", "llava"])}
+    # the slowest runs first (CPU time per step measured on the tiny presets), so that the last to start are
+    # short and the --jobs workers finish together
+    order = {k: i for i, k in enumerate(["hire", "pheye", "inf_llava", "inf_llava_dcm_add", "llava_s2",
+                                         "pheye_global", "llava"])}
     jobs = sorted(((k, s) for k in args.keys for s in range(1, args.seeds + 1)), key=lambda j: order.get(j[0], 9))
     reused = sum(cached(args, *job) is not None for job in jobs)
     results = []
