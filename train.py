@@ -1,7 +1,9 @@
 """
 One training loop for every nanoHiRes model, from a laptop CPU to many GPUs.
 
-    python train.py --model pheye                  # tiny Pheye on the built-in synthetic set, CPU, minutes
+    python train.py --model pheye                  # tiny Pheye on the built-in synthetic set, CPU, minutes:
+                                                   # its paper's stages in turn (stage1, stage2, stage3)
+    python train.py --model hire --stage=finetune  # one stage
     torchrun --standalone --nproc_per_node=2 train.py --model pheye
     torchrun --nproc_per_node=8 train.py --model pheye --preset=paper-x4-448 --vit=DIR --llm=DIR \
         --data=llava.json --image_dir=DIR --stage=stage1
@@ -48,7 +50,8 @@ MODELS = {
 class TrainConfig:
     model: str = "pheye"          # one of MODELS
     preset: str = "tiny"          # a preset of the model's config
-    stage: str = ""               # one of the model's STAGES; default: its last (instruction) stage
+    stage: str = ""               # one of the model's STAGES, or several "a,b": run in turn, each from the
+                                  # last's checkpoint. Default (synthetic data): the paper's whole recipe
     init: str = ""                # a checkpoint dir to start from (e.g. the previous stage's), weights only
     vit: str = ""                 # HF directory of the vision encoder (paper presets)
     llm: str = ""                 # HF directory of the language model and its tokenizer (paper presets)
@@ -283,7 +286,8 @@ def setup_distributed(cfg):
         raise RuntimeError("--device=cuda but no CUDA device is visible")
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if want_cuda else "cpu")
-    dist.init_process_group("nccl" if want_cuda else "gloo")
+    if not dist.is_initialized():  # a recipe's later stages reuse the group
+        dist.init_process_group("nccl" if want_cuda else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
     if want_cuda:
@@ -387,8 +391,63 @@ def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id, max_new
 
 
 # ----------------------------------------------------------------------------- the loop
-def main(argv=None, distributed=True):
-    cfg, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+def recipe_stages(cfg):
+    """The stages this command runs: --stage as given (comma-separated for several), or by default, on the
+    synthetic set, the paper's whole recipe: every stage of the model file in order but the tiny-only "base"."""
+    file, cls_name, _ = MODELS[cfg.model]
+    known = list(getattr(import_module(file), cls_name).STAGES)
+    if cfg.stage:
+        stages = cfg.stage.split(",")
+    elif cfg.data == "synthetic":
+        stages = [s for s in known if s != "base"]
+    else:
+        raise ValueError(f"--data={cfg.data}: name the stage this data is for, --stage=one of {', '.join(known)} "
+                         f"(each stage of a recipe trains on its own data)")
+    bad = [s for s in stages if s not in known]
+    if bad:
+        raise ValueError(f"--stage={cfg.stage!r}: --model={cfg.model} has stages {', '.join(known)}")
+    if len(stages) > 1 and cfg.data != "synthetic":
+        raise ValueError(f"--stage={cfg.stage}: a data file serves one stage; run the stages one by one, each "
+                         f"with its data and --init=<the previous stage's out_dir>/ckpt")
+    return stages
+
+
+def run_recipe(argv, cfg, stages, distributed):
+    """Several stages in turn, --max_iters split evenly (the last takes the remainder). Stage k trains in
+    OUT_DIR/<stage> from stage k-1's checkpoint (--init); the last in OUT_DIR itself. With --resume, finished
+    stages are skipped and the interrupted one continues."""
+    n = len(stages)
+    if cfg.max_iters < n:
+        raise ValueError(f"--max_iters={cfg.max_iters} is fewer than the {n} stages of {','.join(stages)}")
+    iters = [cfg.max_iters // n] * (n - 1) + [cfg.max_iters - (n - 1) * (cfg.max_iters // n)]
+    outs = [os.path.join(cfg.out_dir, s) for s in stages[:-1]] + [cfg.out_dir]
+    if cfg.resume and not any(os.path.exists(os.path.join(out, "ckpt")) for out in outs):
+        read_train_state(os.path.join(outs[0], "ckpt"))  # nothing to resume: raises, naming the path
+    init, step = cfg.init, 0
+    for k, (stage, todo, out) in enumerate(zip(stages, iters, outs)):
+        ckpt = os.path.join(out, "ckpt")
+        done = os.path.exists(ckpt) and read_train_state(ckpt)
+        if cfg.resume and done and done["stage"] == stage and done["step"] == todo:
+            init, step = ckpt, todo  # finished before the interruption
+            continue
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"=== recipe stage {k + 1}/{n}: {stage}, {todo} steps, in {out}")
+        step = main(argv + [f"--stage={stage}", f"--max_iters={todo}", f"--out_dir={out}", f"--init={init}",
+                            f"--resume={bool(cfg.resume and done)}"], distributed, last=k == n - 1)
+        if step < todo:  # stopped by a signal: the checkpoint is saved, --resume continues from here
+            return step
+        init = ckpt
+    return step
+
+
+def main(argv=None, distributed=True, last=True):
+    """Train; returns the last step. last=False: more stages of a recipe follow in this process."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, overrides = parse_args(argv)
+    stages = recipe_stages(cfg)
+    if len(stages) > 1:
+        return run_recipe(argv, cfg, stages, distributed)
+    cfg.stage = stages[0]
     rank, world, device = setup_distributed(cfg) if distributed else (0, 1, torch.device("cpu"))
     master = rank == 0
     cfg.grad_accum = cfg.grad_accum or world
@@ -401,9 +460,6 @@ def main(argv=None, distributed=True):
 
     # --- the model, its stage recipe, and where its weights come from
     module, Model, mcfg = build_model_config(cfg, overrides)
-    cfg.stage = cfg.stage or list(Model.STAGES)[-1]
-    if cfg.stage not in Model.STAGES:
-        raise ValueError(f"--stage={cfg.stage!r}: --model={cfg.model} has stages {', '.join(Model.STAGES)}")
     mcfg.vit_path, mcfg.llm_path = cfg.vit or mcfg.vit_path, cfg.llm or mcfg.llm_path
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     if master:
@@ -586,7 +642,7 @@ def main(argv=None, distributed=True):
         for question, answer, said in shown[:5]:
             print(f"  Q: {question}\n     truth: {answer!r}  model: {said!r}")
         print(f"try it: python {MODELS[cfg.model][0]}.py --ckpt {ckpt_dir} --image IMAGE --prompt \"...\"")
-    if world > 1 and distributed:
+    if world > 1 and distributed and last:
         dist.destroy_process_group()
     return step
 

@@ -1,6 +1,7 @@
 """train.py: exact resume, DDP == one process, atomic checkpoints, signals, bad input, every tiny model learns."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_grad_accum_equals_one_big_batch(tmp_path):
 def test_two_processes_equal_one(tmp_path, cache, sharding):
     # torchrun on this CPU (gloo): the same global batch gives the same losses and weights (DDP, or FSDP2 with
     # the LM's blocks sharded and activation checkpointing); resuming the sharded run works too.
-    args = FAST + ["--model=pheye", "--lora_dropout=0", "--lr_decay_iters=3", "--eval_interval=3",
+    args = FAST + ["--model=pheye", "--stage=stage3", "--lora_dropout=0", "--lr_decay_iters=3", "--eval_interval=3",
                    "--batch_size=2", "--grad_accum=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", NANOHIRES_CACHE=cache)
     one = str(tmp_path / "one")
@@ -143,7 +144,8 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("model", ["llava", "llava_s2", "hire", "inf_llava", "pheye"])
 def test_every_tiny_model_learns(tmp_path, model):
-    out = run(tmp_path, f"--model={model}", "--max_iters=25", "--eval_interval=25", "--lr_scale=5",
+    stage = list(getattr(__import__(train.MODELS[model][0]), train.MODELS[model][1]).STAGES)[-1]
+    out = run(tmp_path, f"--model={model}", f"--stage={stage}", "--max_iters=25", "--eval_interval=25", "--lr_scale=5",
               "--warmup_iters=3", "--batch_size=8")
     ls = losses(out)
     first, last = sum(ls[:3]) / 3, sum(ls[-3:]) / 3
@@ -187,6 +189,30 @@ def test_stage_chain_with_init(tmp_path, monkeypatch):
         run(tmp_path, "--model=pheye", "--max_iters=1", f"--init={first}/ckpt", "--local=True", name="bad")
 
 
+def test_default_runs_the_papers_recipe_stage_by_stage(tmp_path):
+    """No --stage on the synthetic set: every paper stage in turn, --max_iters split between them, each from the
+    previous one's checkpoint; --resume skips finished stages and continues the unfinished one."""
+    out = run(tmp_path, "--model=llava", "--max_iters=5", "--eval_interval=0")
+    first = train.read_train_state(os.path.join(out, "pretrain", "ckpt"))
+    last = train.read_train_state(os.path.join(out, "ckpt"))
+    assert (first["stage"], first["step"], last["stage"], last["step"]) == ("pretrain", 2, "finetune", 3)
+    assert last["train_config"]["init"] == os.path.join(out, "pretrain", "ckpt")
+    a, b = weights(os.path.join(out, "pretrain")), weights(out)
+    assert torch.equal(a["llm.embed_tokens.weight"], b["llm.embed_tokens.weight"])  # frozen in both: stage 1's own weights
+    assert not torch.equal(a["projector.0.weight"], b["projector.0.weight"])  # trained on in stage 2
+    stage1_log = open(os.path.join(out, "pretrain", "log.jsonl")).read()
+    run(tmp_path, "--model=llava", "--max_iters=5", "--eval_interval=0", "--resume")
+    assert open(os.path.join(out, "pretrain", "log.jsonl")).read() == stage1_log
+    assert_same_weights(weights(out), b, 0)  # both stages were finished: nothing retrained
+    for name in os.listdir(out):  # stage 2 interrupted before its first checkpoint
+        if name.startswith("ckpt"):
+            os.remove(os.path.join(out, name)) if name == "ckpt" else shutil.rmtree(os.path.join(out, name))
+    run(tmp_path, "--model=llava", "--max_iters=5", "--eval_interval=0", "--resume")
+    assert open(os.path.join(out, "pretrain", "log.jsonl")).read() == stage1_log  # stage 1 not rerun
+    assert_same_weights(weights(out), b, 1e-6)  # stage 2 again from stage 1's checkpoint: the same result
+    assert len(losses(out)) == 3
+
+
 def test_bad_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
         run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1", "--resume", name="empty")
@@ -195,11 +221,20 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match="stages"):
         run(tmp_path, "--model=hire", "--stage=nope", "--max_iters=1", name="stage")
     with pytest.raises(FileNotFoundError, match="missing.json"):
+        run(tmp_path, "--model=hire", "--stage=finetune", "--max_iters=1", f"--data={tmp_path}/missing.json",
+            name="data")
+    with pytest.raises(ValueError, match="name the stage this data is for"):
         run(tmp_path, "--model=hire", "--max_iters=1", f"--data={tmp_path}/missing.json", name="data")
+    with pytest.raises(ValueError, match="a data file serves one stage"):
+        run(tmp_path, "--model=hire", "--stage=pretrain,finetune", f"--data={tmp_path}/x.json", name="data")
+    with pytest.raises(ValueError, match="fewer than the 3 stages"):
+        run(tmp_path, "--model=pheye", "--max_iters=2", name="short")
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        run(tmp_path, "--model=pheye", "--max_iters=3", "--resume", name="short")
     out = run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1", name="taken")
     with pytest.raises(FileExistsError, match="another model"):
-        run(tmp_path, "--model=pheye", "--max_iters=1", name="taken")
+        run(tmp_path, "--model=pheye", "--stage=stage3", "--max_iters=1", name="taken")
     with pytest.raises(FileExistsError, match="--resume"):
         run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1", name="taken")
-    run(tmp_path, "--model=pheye", "--max_iters=1", "--overwrite", name="taken")  # told to: allowed
+    run(tmp_path, "--model=pheye", "--stage=stage3", "--max_iters=1", "--overwrite", name="taken")  # told to
     assert train.read_train_state(os.path.join(out, "ckpt"))["train_config"]["model"] == "pheye"
