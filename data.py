@@ -118,10 +118,11 @@ LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able 
 PHEYE_SYSTEM = ("You are an AI visual assistant and you are seeing a single image. You will receive an instruction "
                 "regarding that image. Your goal is to follow the instruction as faithfully as you can.")
 TEMPLATES = ("vicuna_v1", "llama3", "pheye", "plain")
-# Datasets also take template="mix": sample i in MIX[i % 3], so one run teaches a language model all three
-# instruction formats (the tiny base, train.tiny_base). Pheye's format has no image slot; in a mix the image goes
-# first, so that a LLaVA-style model still sees it.
-MIX = ("vicuna_v1", "llama3", "pheye")
+# Datasets also take template="mix": sample i in MIX[i % 4], so that one run teaches a language model the three
+# instruction formats and, as "plain" samples (captions in the synthetic set), plain descriptive text: what a
+# pretrained LM brings to each paper's recipe (the tiny base, train.tiny_base). Pheye's format has no image
+# slot; in a mix the image goes first, so that a LLaVA-style model still sees it.
+MIX = ("vicuna_v1", "llama3", "pheye", "plain")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -316,7 +317,7 @@ class _Samples(torch.utils.data.Dataset):
         rec = self.record(i)
         where = f"sample {i} (id {rec.get('id')!r})"
         turns = rec["conversations"][:-1] if prompt_only else rec["conversations"]
-        template = MIX[i % len(MIX)] if self.template == "mix" else self.template
+        template = self.template_of(i)
         ids, labels = tokenize_conversation(self.tok, turns, template, where)
         if self.template == "mix" and template == "pheye":
             ids, labels = [IMAGE_ID] + ids, [IGNORE] + labels
@@ -327,6 +328,9 @@ class _Samples(torch.utils.data.Dataset):
             self.n_truncated += 1
             warnings.warn(f"{caught[0].message} [{self.n_truncated} truncated so far]", stacklevel=2)
         return load_image(self.image(i), self.image_size, self.pad_square, self.max_pixels), ids, labels, rec
+
+    def template_of(self, i):
+        return MIX[i % len(MIX)] if self.template == "mix" else self.template
 
     def __getitem__(self, i):
         return self.sample(i)[:3]
@@ -343,14 +347,15 @@ class QASet(torch.utils.data.Dataset):
     """Items (pixels, prompt ids, question, answer, detail); collate left-pads for batched generation and adds
     the lists "question", "answer", "detail" (the detail-size bucket, or None)."""
 
-    def __init__(self, base, n):
-        self.base, self.n = base, n
+    def __init__(self, base, n):  # captions ("plain" samples of a mix) are not questions: left out
+        self.base = base
+        self.index = [i for i in range(len(base)) if base.template_of(i) != "plain"][:n]
 
     def __len__(self):
-        return self.n
+        return len(self.index)
 
     def __getitem__(self, i):
-        pixels, ids, _, rec = self.base.sample(i, prompt_only=True)
+        pixels, ids, _, rec = self.base.sample(self.index[i], prompt_only=True)
         turns = rec["conversations"]
         question = turns[-2]["value"].replace(IMAGE_TOKEN, "").strip()
         return pixels, ids, [IGNORE] * len(ids), question, turns[-1]["value"], rec.get("detail")
@@ -587,11 +592,14 @@ class SyntheticDataset(_Samples):
     def __len__(self):
         return self.n
 
+    def task_of(self, i):  # a mix's "plain" samples are captions
+        return "caption" if self.template == "mix" and self.template_of(i) == "plain" else self.task
+
     def record(self, i):
-        return synthetic_record(self.seed, self.split, i, self.task)[0]
+        return synthetic_record(self.seed, self.split, i, self.task_of(i))[0]
 
     def image(self, i):
-        return render(synthetic_record(self.seed, self.split, i, self.task)[1])
+        return render(synthetic_record(self.seed, self.split, i, self.task_of(i))[1])
 
 
 def write_synthetic(out, n, split="train", seed=0, task="qa"):

@@ -334,10 +334,10 @@ def tiny_tokenizer():
 
 def tiny_base():
     """Tiny presets have no public weights to freeze: a tiny ViT and LM are pretrained once on the synthetic
-    set (LLaVA-style, everything trainable at the 64-px view, questions in all three instruction templates: the
-    "base" stage of hire.py) and cached, so that every model's paper recipe can freeze them as written.
+    set (LLaVA-style, everything trainable at the 64-px view, on questions in all three instruction templates and
+    on captions: the "base" stage of hire.py, data.MIX) and cached, so that every model's paper recipe can freeze them as written.
     Returns (vit_dir, llm_dir)."""
-    root = os.path.join(CACHE, "tiny-base-v2")
+    root = os.path.join(CACHE, "tiny-base-v3")
     dirs = os.path.join(root, "vit"), os.path.join(root, "llm")
     if os.path.exists(os.path.join(root, "done")):
         return dirs
@@ -533,7 +533,8 @@ def main(argv=None, distributed=True, last=True):
     val_loader = loader(val_set, sampler=list(range(rank, len(val_set), world)))
     n_qa = min(cfg.eval_answers, len(val_set)) if template != "plain" else 0  # captions are not scored
     eos_id = data.end_of_turn(tok, "vicuna_v1" if template == "mix" else template)  # mix: answer_text cuts
-    qa = loader(val_set.qa_set(n_qa), sampler=list(range(rank, n_qa, world))) if n_qa else []
+    questions = val_set.qa_set(n_qa)
+    qa = loader(questions, sampler=list(range(rank, len(questions), world))) if n_qa else []
 
     # --- RNG: per-rank streams (dropout), restored exactly on resume
     if state:

@@ -79,19 +79,26 @@ def test_labels_supervise_exactly_the_answers(tok, template):
     assert sum(y != IGNORE for y in labels) == sum(e - s for s, e in got)
 
 
-def test_mix_cycles_the_instruction_templates_with_the_image_first_for_pheye(tok):
-    """template="mix" (the tiny base's pretraining): sample i in MIX[i % 3], tokenised exactly as that template;
-    Pheye's, which has no image slot, gets one in front; labels still cover just the answer and its end."""
-    ds = data.SyntheticDataset(tok, n=6, split="val", template="mix")
-    for i in range(6):
-        template = data.MIX[i % 3]
+def test_mix_cycles_the_templates_with_the_image_first_for_pheye(tok):
+    """template="mix" (the tiny base's pretraining): sample i in MIX[i % 4], tokenised exactly as that template
+    (Pheye's, which has no image slot, gets one in front; "plain" samples are captions); labels still cover just
+    the answer and its end. Its question set leaves the captions out."""
+    ds = data.SyntheticDataset(tok, n=8, split="val", template="mix")
+    for i in range(8):
+        template = data.MIX[i % 4]
         _, ids, labels = ds[i]
-        want, want_labels = data.tokenize_conversation(tok, ds.record(i)["conversations"], template)
+        rec = ds.record(i)
+        task = "caption" if template == "plain" else "qa"
+        assert rec == data.synthetic_record(0, "val", i, task)[0]
+        want, want_labels = data.tokenize_conversation(tok, rec["conversations"], template)
         if template == "pheye":
             want, want_labels = [IMAGE_ID] + want, [IGNORE] + want_labels
         assert (ids, labels) == (want, want_labels) and ids.count(IMAGE_ID) == 1
         (s, e), = spans(labels)
-        assert tok.decode(ids[s:e - 1]).strip() == ds.record(i)["conversations"][1]["value"]
+        assert tok.decode(ids[s:e - 1]).strip() == rec["conversations"][1]["value"]
+    qa = ds.qa_set(8)
+    assert qa.index == [0, 1, 2, 4, 5, 6] and [qa[k][4] for k in range(6)] == \
+        [ds.record(i)["conversations"][1]["value"] for i in qa.index]
     with pytest.raises(data.DataError, match="'mixed'"):
         data.SyntheticDataset(tok, n=1, template="mixed")
 

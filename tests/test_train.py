@@ -49,7 +49,7 @@ def assert_same_weights(a, b, tol):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    common = ["--model=pheye", "--lr_decay_iters=6", "--eval_interval=3", "--seed=3"]
+    common = ["--model=pheye", "--stage=stage3", "--lr_decay_iters=6", "--eval_interval=3", "--seed=3"]
     full = run(tmp_path, *common, "--max_iters=6", name="full")
     half = run(tmp_path, *common, "--max_iters=3", name="half")
     train.main(FAST + common + ["--max_iters=6", "--resume", f"--out_dir={half}"], distributed=False)
@@ -177,8 +177,8 @@ def test_stage_chain_with_init(tmp_path, monkeypatch):
     tasks, make = [], data.make_dataset
     monkeypatch.setattr(data, "make_dataset", lambda *a, **k: tasks.append(k["task"]) or make(*a, **k))
     first = run(tmp_path, "--model=pheye", "--stage=stage1", "--max_iters=1", "--local=False", name="stage1")
-    second = run(tmp_path, "--model=pheye", "--max_iters=1", f"--init={first}/ckpt", "--local=False", "--seed=7",
-                 name="stage3")
+    second = run(tmp_path, "--model=pheye", "--stage=stage3", "--max_iters=1", f"--init={first}/ckpt",
+                 "--local=False", "--seed=7", name="stage3")
     assert tasks == ["caption", "caption", None, None]  # train + val of each run
     assert train.read_train_state(os.path.join(second, "ckpt"))["stage"] == "stage3"
     a, b = weights(first), weights(second)
@@ -186,7 +186,8 @@ def test_stage_chain_with_init(tmp_path, monkeypatch):
     assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("xattn."))  # and trained on
     with pytest.raises(ValueError, match="--local=True differs from the checkpoint's local=False"):
-        run(tmp_path, "--model=pheye", "--max_iters=1", f"--init={first}/ckpt", "--local=True", name="bad")
+        run(tmp_path, "--model=pheye", "--stage=stage3", "--max_iters=1", f"--init={first}/ckpt", "--local=True",
+            name="bad")
 
 
 def test_default_runs_the_papers_recipe_stage_by_stage(tmp_path):
