@@ -3,7 +3,7 @@ The papers' claims in miniature: every model of nanoHiRes trained the same way o
 then scored on held-out questions whose answer is a large, medium or small detail (data.py's "detail" tag).
 
     python bench/miniature.py                       # the grid: 7 models x 3 seeds, table in out/miniature/
-    python bench/miniature.py --seeds 3 --align_iters 150 --iters 300 --jobs 2   # the same, spelled out
+    python bench/miniature.py --seeds 3 --align_iters 100 --iters 200 --jobs 2   # the same, spelled out
     python bench/miniature.py --quick               # a couple of steps per model, from scratch (smoke test)
 
 Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as each paper trains: its alignment
@@ -286,9 +286,9 @@ def markdown(rows, meta):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Train and score every nanoHiRes model on the fine-detail set.")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every model")
-    ap.add_argument("--align_iters", type=int, default=150,
+    ap.add_argument("--align_iters", type=int, default=100,
                     help="steps of each paper's alignment stage first (ALIGN; 0: skip it), every model the same")
-    ap.add_argument("--iters", type=int, default=300,
+    ap.add_argument("--iters", type=int, default=200,
                     help="steps of the instruction stage (every model the same)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--lr_scale", type=float, default=1.0,
