@@ -532,7 +532,7 @@ def main(argv=None, distributed=True, last=True):
     batches = iter(loader(train_set, sampler=sampler))
     val_loader = loader(val_set, sampler=list(range(rank, len(val_set), world)))
     n_qa = min(cfg.eval_answers, len(val_set)) if template != "plain" else 0  # captions are not scored
-    eos_id = data.end_of_turn(tok, "vicuna_v1" if template == "mix" else template)  # mix: answer_text cuts
+    eos_id = data.end_of_turn(tok, template)
     questions = val_set.qa_set(n_qa)
     qa = loader(questions, sampler=list(range(rank, len(questions), world))) if n_qa else []
 
@@ -586,10 +586,10 @@ def main(argv=None, distributed=True, last=True):
             n_seen = all_reduce(sum(b["mask"].sum() for b in micro).float(), world)
             loss_sum = torch.zeros((), device=device)
             for m, b in enumerate(micro):
-                last = m == accum - 1
+                sync_now = m == accum - 1  # gradients are reduced over ranks on the last micro-step only
                 if cfg.fsdp:
-                    ddp_model.set_requires_gradient_sync(last)
-                sync = ddp_model.no_sync() if world > 1 and not cfg.fsdp and not last else nullcontext()
+                    ddp_model.set_requires_gradient_sync(sync_now)
+                sync = ddp_model.no_sync() if world > 1 and not cfg.fsdp and not sync_now else nullcontext()
                 with sync:
                     with ctx:
                         _, loss = model(b["pixels"], b["ids"], labels=b["labels"], mask=b["mask"], reduction="sum")
