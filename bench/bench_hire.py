@@ -19,13 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hire  # noqa: E402
 from llm import LLMConfig  # noqa: E402
 
-
-def rss_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from common import peak_rss  # noqa: E402  (bench/, this script's folder)
 
 
 def measure(fn, repeats):
@@ -33,13 +27,11 @@ def measure(fn, repeats):
     fn()  # warm-up
     best, peak = float("inf"), 0.0
     for _ in range(repeats):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = rss_mib("VmRSS")
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-        peak = max(peak, rss_mib("VmHWM") - before)
+        with peak_rss() as mem:
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        peak = max(peak, mem["peak"])
     return best, peak
 
 

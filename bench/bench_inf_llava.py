@@ -22,10 +22,8 @@ Measured (2 shared CPU cores, load average ~10, 1 thread, torch 2.13 CPU):
 import argparse
 import dataclasses
 import os
-import statistics
 import subprocess
 import sys
-import time
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -36,22 +34,9 @@ from inf_llava import DEM, INFLLaVA, INFLLaVAConfig, RELEASE  # noqa: E402
 from llm import LLMConfig  # noqa: E402
 from vit import ViT  # noqa: E402
 
+from common import median_seconds, peak_rss  # noqa: E402  (bench/, this script's folder)
+
 MiB = 2 ** 20
-
-
-def status_mib(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-
-@contextmanager
-def peak_rss():
-    """Yields a dict that gets 'peak' = the rise of the peak resident set (MiB) over the block."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS (Linux)
-    out, start = {}, status_mib("VmRSS")
-    yield out
-    out["peak"] = status_mib("VmHWM") - start
 
 
 @contextmanager
@@ -80,16 +65,6 @@ def mem_case(mode, attn, n_side):
     with (materialised_attention() if attn == "materialised" else nullcontext()), peak_rss() as mem:
         dem(f_loc, f_glo, int(n_side), int(n_side)).sum().backward()
     return mem["peak"]
-
-
-def median_time(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():
@@ -148,12 +123,12 @@ def main():
     x = torch.randn(1, 3, S, S)
     f_loc, f_glo = torch.randn(1, d, g, g), torch.randn(1, d, g, g)
     with torch.no_grad():
-        t_vit = median_time(lambda: vit(x, layer=paper.vision_layer), args.reps)
+        t_vit = median_seconds(lambda: vit(x, layer=paper.vision_layer), args.reps)
         print(f"  ViT-L/14-336 forward, 1 image (layer -2): {t_vit * 1e3:8.0f} ms   "
               f"(INF-LLaVA runs 19 of them: {19 * t_vit:.1f} s)")
         for mode in ("paper", "release"):
             dem = DEM(dataclasses.replace(paper, **(RELEASE if mode == "release" else {}))).eval()
-            t_dem = median_time(lambda: dem(f_loc, f_glo, n, n), args.reps)
+            t_dem = median_seconds(lambda: dem(f_loc, f_glo, n, n), args.reps)
             print(f"  DEM ({mode:7}) forward, 72x72 tokens:      {t_dem * 1e3:8.0f} ms   "
                   f"= {t_dem / t_vit:.2f} ViT forwards")
 

@@ -14,9 +14,7 @@ the analytic ratios of flops.py: Eq. 3 / Eq. 4 as the paper writes them, and the
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,6 +25,8 @@ import flops  # noqa: E402
 from llm import LLMConfig  # noqa: E402
 from pheye import Pheye, PheyeConfig  # noqa: E402
 from vit import ViTConfig  # noqa: E402
+
+from common import median_seconds  # noqa: E402  (bench/, this script's folder)
 
 N_T, N_I = 65, 2305  # Sec. 2.2: a captioning prompt; a 672 px ViT-L/14-style image (48^2 + 1 tokens)
 
@@ -52,16 +52,6 @@ def pheye_lm(model, vision, idx):
 def llava_lm(model, image_embeds, idx):
     """Eq. 3's work: the same LM over [image tokens; text tokens]."""
     return model.llm.hidden_states(embeds=torch.cat([image_embeds, model.llm.embed(idx)], dim=1))
-
-
-def median_seconds(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():
