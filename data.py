@@ -453,8 +453,10 @@ class LlavaJsonDataset(_Samples):
 # drawn in a 3x5 pixel font, a shape, or a group of dots, in one of three detail sizes. The scale s (canonical
 # pixels per font pixel) sets the size: "large" (s=12) keeps 2 px per font pixel in the 64-px low-resolution
 # view; "medium" (s=5) 0.83 px at 64 and 1.7 px at 128; "small" (s=4) 0.67 px at 64, 1.3 px at 128, 2 px at 192.
-# tests/test_data.py measures what pixel-level readers can still read at each resolution. Every question is
-# about one item; its size is the sample's "detail" (like Pheye's tertiles of relative answer area).
+# tests/test_data.py measures what thresholding pixel readers can still read at each resolution; a learned reader
+# reads more (the pretrained tiny ViT reads small characters at 64 px: tests/test_train.py), since the renders are
+# noise-free and their grey levels keep the glyph. Every question is about one item; its size is the sample's
+# "detail" (like Pheye's tertiles of relative answer area).
 RENDER = 384
 CELL = RENDER // 3
 SIZES = {"large": 12, "medium": 5, "small": 4}
@@ -615,6 +617,48 @@ def write_synthetic(out, n, split="train", seed=0, task="qa"):
         json.dump(records, f, indent=1)
     os.replace(path + ".tmp", path)
     return path
+
+
+# ----------------------------------------------------------------------------- the tiny ViT's pretraining task
+# Tiny presets have no CLIP to start from. The tiny ViT is pretrained as a dense classifier instead: every patch
+# token names the item its patch shows (none, one of the 17 characters, 3 shapes, 1-5 dots), on 64-px crops of
+# scenes rendered at 64, 128 and 192 px: the views the tiny models feed their ViT (the low-resolution view, S2's
+# and Pheye's tiles, INF-LLaVA's local crops). train.pretrain_tiny_vit trains on it; tokens are where the LMs read.
+ITEM_CLASSES = ["none", *sorted(FONT), *SHAPES, *(f"{n} dots" for n in range(1, 6))]
+
+
+def item_class(item):
+    """Index of an item in ITEM_CLASSES (the character "3" and three dots are different things to see)."""
+    return ITEM_CLASSES.index(item["value"] + " dots" * (item["kind"] == "dots"))
+
+
+def patch_example(seed, split, i, view=64, patch=8, scales=(1, 1, 2, 3)):
+    """One pretraining example: (uint8 image (view, view, 3), labels (g*g,) int64, items). The scene of synthetic
+    sample i is rendered at view * s px (s drawn from `scales`) and a view-sized tile of it is kept (the tiles
+    S2 and Pheye cut). Each patch is labelled with the item that covers most of it (0: none). items: (class,
+    detail size, s, patches it covers) for every item whose centre lies in the tile, for per-item scoring."""
+    _, scene = synthetic_record(seed, split, i)
+    rng = random.Random(f"nanohires-patches-{seed}-{split}-{i}")
+    s = rng.choice(scales)
+    x0, y0 = rng.randrange(s) * view, rng.randrange(s) * view
+    im = render(scene).resize((view * s, view * s), Image.BICUBIC).crop((x0, y0, x0 + view, y0 + view))
+    g, f = view // patch, view * s / RENDER
+    labels, best, items = np.zeros(g * g, np.int64), np.zeros(g * g), []
+    for k, item in enumerate(scene["cells"]):
+        if item is None:
+            continue
+        bx0, by0, bx1, by1 = (v * f - o for v, o in zip(item_box(scene, k), (x0, y0, x0, y0)))
+        covered = []
+        for j in range(g * g):
+            px, py = (j % g) * patch, (j // g) * patch
+            area = max(0, min(bx1, px + patch) - max(bx0, px)) * max(0, min(by1, py + patch) - max(by0, py))
+            if area > 0:
+                covered.append(j)
+                if area > best[j]:
+                    best[j], labels[j] = area, item_class(item)
+        if 0 <= (bx0 + bx1) / 2 < view and 0 <= (by0 + by1) / 2 < view:
+            items.append((item_class(item), item["size"], s, covered))
+    return np.asarray(im, np.uint8), labels, items
 
 
 def make_dataset(data, tok, template, image_size, pad_square, max_len=None, split="train", n=1000, seed=0,

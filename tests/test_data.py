@@ -397,6 +397,31 @@ def test_detail_size_decides_what_each_resolution_can_read():
     assert acc["small", 64] < acc["medium", 64] < acc["large", 64]
 
 
+def test_patch_labels_cover_exactly_the_ink():
+    """The tiny ViT's pretraining labels (data.patch_example): every strongly inked pixel lies in a patch labelled
+    with an item, every item in the tile labels one of its patches with its class, tiles come from all three
+    scales, and the character 3 is not three dots."""
+    scales, labelled = collections.Counter(), 0
+    for i in range(48):
+        im, labels, items = data.patch_example(0, "test", i)
+        assert im.shape == (64, 64, 3) and labels.shape == (64,)
+        assert np.array_equal(data.patch_example(0, "test", i)[1], labels)  # deterministic
+        scene = data.synthetic_record(0, "test", i)[1]
+        dist = np.linalg.norm(im.astype(float) - np.array(scene["background"]), axis=-1)
+        ink = dist > 0.5 * dist.max()
+        ink_per_patch = ink.reshape(8, 8, 8, 8).transpose(0, 2, 1, 3).reshape(64, 64).sum(1)
+        assert ink_per_patch[labels == 0].sum() == 0, i
+        for cls, size, s, patches in items:
+            assert cls > 0 and size in data.SIZES and (labels[patches] == cls).any(), (i, cls, patches)
+            scales[s] += 1
+        labelled += (labels > 0).sum()
+    assert set(scales) == {1, 2, 3} and labelled > 48 * 4
+    three = data.ITEM_CLASSES.index("3")
+    assert data.item_class({"kind": "char", "value": "3"}) == three
+    assert data.item_class({"kind": "dots", "value": "3"}) == data.ITEM_CLASSES.index("3 dots") != three
+    assert len(set(data.ITEM_CLASSES)) == len(data.ITEM_CLASSES) == 1 + len(data.FONT) + len(data.SHAPES) + 5
+
+
 # ----------------------------------------------------------------------------- tokenizer and workers
 def test_tiny_tokenizer(tok, tok_dir, tmp_path):
     again = data.build_tiny_tokenizer(str(tmp_path / "again"))
