@@ -352,9 +352,10 @@ class HIRE(nn.Module):
     # Training recipe as data (paper Sec. 3: "exactly following the same hyperparameters as LLaVA-1.5"); train.py
     # reads it. "train": part -> peak lr. No "template": the config's instruction template.
     STAGES = {
-        # tiny presets only: build the small ViT + LM that the paper recipe then freezes (everything trains)
-        # on QA in every instruction template (data.MIX), so that each paper's frozen LM knows its own format
-        "base": {"template": "mix", "train": {"vit": 1e-3, "llm": 1e-3, "projector": 1e-3, "enricher": 1e-3}},
+        # tiny presets only: build the small LM that the paper recipes then freeze, LLaVA-style on the frozen
+        # pretrained tiny ViT (train.tiny_base), on QA in every instruction template and captions (data.MIX), so
+        # that each paper's frozen LM knows its own format
+        "base": {"template": "mix", "train": {"llm": 1e-3, "projector": 1e-3, "enricher": 1e-3}},
         # stage 1: projector + enricher, lr 1e-3 (LLaVA-1.5 pretraining), ViT and LLM frozen
         "pretrain": {"template": "plain", "train": {"projector": 1e-3, "enricher": 1e-3}},
         # stage 2: the same modules plus LoRA on the LLM's linears. LLaVA-1.5's LoRA script: r 128, alpha 256,
@@ -406,7 +407,7 @@ class HIRE(nn.Module):
 
     def configure_stage(self, stage: str) -> list[dict]:
         """Freeze everything, unfreeze (adding LoRA if the stage needs it) what `stage` trains; returns the
-        optimizer groups [{"name", "params", "lr"}]. The ViT trains only in the tiny "base" stage."""
+        optimizer groups [{"name", "params", "lr"}]. The ViT never trains (the papers freeze CLIP)."""
         if stage not in self.STAGES:
             raise ValueError(f"unknown stage {stage!r}; HIRE has {list(self.STAGES)}")
         spec = self.STAGES[stage]

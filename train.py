@@ -14,7 +14,6 @@ The model file says what each stage trains and at which learning rate (its STAGE
 this file never branches on the model beyond picking it.
 """
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -332,34 +331,170 @@ def tiny_tokenizer():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
 
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the shipped tiny base
+TINY_VIT, TINY_LM = os.path.join(ASSETS, "tiny-vit"), os.path.join(ASSETS, "tiny-lm")
+
+
+def patch_tensors(n, split, seed=0):
+    """n pretraining examples of data.patch_example as (uint8 images (n, 64, 64, 3), labels (n, 64), items)."""
+    ex = [data.patch_example(seed, split, i) for i in range(n)]
+    return (torch.from_numpy(np.stack([e[0] for e in ex])), torch.from_numpy(np.stack([e[1] for e in ex])),
+            [e[2] for e in ex])
+
+
+def vit_pixels(images):
+    """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W), as data.load_image."""
+    x = images.permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+
+
+def patch_logits(vit, heads, pixels):
+    """Item-class logits of every patch token from the penultimate layer (read by LLaVA-1.5, S2, HIRE and
+    INF-LLaVA) and the last (read by Pheye): two (B, N, classes) tensors."""
+    penultimate = vit(pixels, layer=-2)
+    last = vit.layers[-1](penultimate)
+    return heads[0](penultimate[:, 1:]), heads[1](last[:, 1:])
+
+
+@torch.no_grad()
+def patch_accuracy(vit, heads, images, items, batch_size=250):
+    """Held-out accuracy per (detail size, render scale) of the penultimate layer's reading of each item: the
+    argmax over item classes of its patches' mean logits."""
+    logits = torch.cat([patch_logits(vit, heads, vit_pixels(images[i:i + batch_size]))[0]
+                        for i in range(0, len(images), batch_size)])
+    hits = {}
+    for row, its in zip(logits, items):
+        for cls, size, scale, patches in its:
+            hits.setdefault((list(data.SIZES).index(size), scale), []).append(
+                row[patches].mean(0)[1:].argmax().item() + 1 == cls)
+    return {f"{list(data.SIZES)[k[0]]}@{64 * k[1]}": round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+
+
+def patch_classifier(width):
+    """The pretraining heads: one linear item classifier for the penultimate layer's tokens, one for the last's."""
+    return torch.nn.ModuleList(torch.nn.Linear(width, len(data.ITEM_CLASSES)) for _ in range(2))
+
+
+def load_tiny_vit(path=TINY_VIT):
+    """A pretrained tiny ViT and its patch classifier, as pretrain_tiny_vit wrote them."""
+    from safetensors.torch import load_file
+    from vit import ViT
+    vit = ViT.from_pretrained(path)
+    heads = patch_classifier(vit.config.width)
+    heads.load_state_dict(load_file(os.path.join(path, "classifier.safetensors")))
+    return vit.eval(), heads
+
+
+def pretrain_tiny_vit(out, steps=4000, batch_size=64, lr=2e-3, n_train=40000, n_val=1000, seed=0):
+    """Pretrain the tiny presets' ViT on data.patch_example (what CLIP is to the papers' models): a linear item
+    classifier on the patch tokens of its penultimate and last layers, AdamW (weight decay 0.05), 100 warm-up
+    steps then cosine to 0, gradient clipping at 1. Writes the ViT to `out` (HF CLIP layout), the classifier to
+    out/classifier.safetensors and the recipe with the held-out accuracies to out/pretraining.json.
+    The shipped assets/tiny-vit came from `python -c "import train; train.pretrain_tiny_vit('assets/tiny-vit')"`."""
+    from vit import ViT, ViTConfig
+    t0 = time.time()
+    images, labels, _ = patch_tensors(n_train, "train", seed)
+    val_images, _, val_items = patch_tensors(n_val, "val", seed)
+    print(f"tiny ViT pretraining: {n_train} + {n_val} crops rendered in {time.time() - t0:.0f} s")
+    torch.manual_seed(seed)
+    vit = ViT(ViTConfig.preset("tiny"))
+    heads = patch_classifier(vit.config.width)
+    params = [*vit.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    order = torch.Generator().manual_seed(seed)
+    for step in (bar := tqdm(range(steps), desc="tiny ViT", dynamic_ncols=True)):
+        idx = torch.randint(0, n_train, (batch_size,), generator=order)
+        target = labels[idx].flatten()
+        loss = sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), target)
+                   for lg in patch_logits(vit, heads, vit_pixels(images[idx]))) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    accuracy = patch_accuracy(vit.eval(), heads, val_images, val_items)
+    vit.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(out, "classifier.safetensors"))
+    recipe = dict(steps=steps, batch_size=batch_size, lr=lr, n_train=n_train, n_val=n_val, seed=seed,
+                  final_loss=round(loss.item(), 4), minutes=round((time.time() - t0) / 60, 1),
+                  val_accuracy=accuracy, classes=data.ITEM_CLASSES)
+    with open(os.path.join(out, "pretraining.json"), "w") as f:
+        json.dump(recipe, f, indent=1)
+    print(f"tiny ViT pretrained in {recipe['minutes']} min, held-out item accuracy {accuracy}")
+    return accuracy
+
+
 def tiny_base():
-    """Tiny presets have no public weights to freeze: a tiny ViT and LM are pretrained once on the synthetic
-    set (LLaVA-style, everything trainable at the 64-px view, on questions in all three instruction templates and
-    on captions: the "base" stage of hire.py, data.MIX) and cached, so that every model's paper recipe can freeze them as written.
-    Returns (vit_dir, llm_dir)."""
-    root = os.path.join(CACHE, "tiny-base-v3")
-    dirs = os.path.join(root, "vit"), os.path.join(root, "llm")
-    if os.path.exists(os.path.join(root, "done")):
-        return dirs
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait for that one
-        if not os.path.exists(os.path.join(root, "done")):
-            build_tiny_base(root, dirs)
-    return dirs
+    """Tiny presets have no public weights to freeze: they start from the tiny ViT and LM shipped in assets/
+    (3.3 + 3.9 MB), so that every model's paper recipe can freeze them as written. Returns (vit_dir, llm_dir)."""
+    for path, how in ((TINY_VIT, "pretrain_tiny_vit"), (TINY_LM, "pretrain_tiny_lm")):
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise FileNotFoundError(f"{path}/model.safetensors is missing: the tiny base ships with the repository "
+                                    f"(restore it from git, or rebuild it with train.{how})")
+    return TINY_VIT, TINY_LM
 
 
-def build_tiny_base(root, dirs):
-    print(f"building the tiny pretrained ViT and LM once, cached in {root} ...")
-    work = os.path.join(root, "run")  # the LLaVA-style run that trained them; kept for inspection
-    shutil.rmtree(work, ignore_errors=True)
-    main(["--model=llava", "--stage=base", "--from_scratch=True", f"--out_dir={work}", "--max_iters=600",
-          "--batch_size=16", "--eval_interval=600", "--eval_answers=16"], distributed=False)
+BASE_GATE = 0.5  # the least accuracy on large details for a tiny LM to be kept
+
+
+def pretrain_tiny_lm(out, vit=TINY_VIT, iters=5000, work=None, args=(), gate=BASE_GATE):
+    """Pretrain the tiny LM on the frozen tiny ViT's features, LLaVA-style: hire.py's "base" stage (LM and
+    projector train at 1e-3, batch 16; questions in every instruction template and captions, data.MIX). Then
+    greedy answers to 150 validation questions: a base that reads large details (legible at the 64-px view) below
+    BASE_GATE is refused, since every experiment on top of it would be moot. Writes the LM to `out` (HF layout)
+    with the tokenizer, the projector (to rebuild the base, tests/test_train.py) and pretraining.json.
+    The shipped assets/tiny-lm came from `python -c "import train; train.pretrain_tiny_lm('assets/tiny-lm')"`."""
     import hire
-    model = hire.HIRE.load(os.path.join(work, "ckpt"))
-    model.vit.save_pretrained(dirs[0])
-    model.llm.save_pretrained(dirs[1])
-    open(os.path.join(root, "done"), "w").close()
+    work = work or out + ".run"  # the LLaVA-style run that trains it
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.time()
+    main(["--model=llava", "--stage=base", f"--vit={vit}", f"--out_dir={work}", f"--max_iters={iters}",
+          "--batch_size=16", f"--eval_interval={iters}", "--eval_answers=16", *args], distributed=False)
+    ckpt = os.path.join(work, "ckpt")
+    model = hire.HIRE.load(ckpt).eval()
+    acc = detail_accuracy(model, Tokenizer.from_pretrained(ckpt), "mix", 150, "val")[0]
+    print(f"tiny base: greedy answers to 150 validation questions: {acc}")
+    if acc["large"] < gate:
+        raise RuntimeError(f"the tiny base in {work} reads large details at {acc['large']:.0%} (< {gate:.0%}): "
+                           f"it does not see the image; {out} not written")
+    model.llm.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()},
+              os.path.join(out, "projector.safetensors"))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ckpt, name), out)
+    recipe = dict(iters=iters, batch_size=16, args=list(args), vit=os.path.relpath(vit, os.path.dirname(ASSETS)),
+                  val_accuracy=acc, minutes=round((time.time() - t0) / 60, 1))
+    with open(os.path.join(out, "pretraining.json"), "w") as f:
+        json.dump(recipe, f, indent=1)
+
+
+@torch.no_grad()
+def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8):
+    """Greedy answers of `net` to the first n questions of a synthetic split, scored by exact match
+    (data.normalize_answer) per detail size: ({"large", "medium", "small", "overall"}, counts, the mean prompt
+    length in text tokens, a few (truth, said, size) samples)."""
+    c = net.config
+    qa = data.SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=c.image_size,
+                               pad_square=c.pad_square).qa_set(n)
+    sizes = tuple(data.SIZES)
+    right, total, prompt_tokens, samples = dict.fromkeys(sizes, 0), dict.fromkeys(sizes, 0), [], []
+    for b in torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate):
+        out = net.generate(b["pixels"], b["ids"], max_new_tokens=max_new_tokens, mask=b["mask"],
+                           eos_id=data.end_of_turn(tok, template))
+        for row, answer, size, m, ids in zip(out.tolist(), b["answer"], b["detail"], b["mask"], b["ids"]):
+            said = data.answer_text(tok, row)
+            if len(samples) < 6:
+                samples.append(dict(truth=answer, said=said, size=size))
+            right[size] += data.normalize_answer(said) == data.normalize_answer(answer)
+            total[size] += 1
+            prompt_tokens.append(int(m.sum()) - int((ids == data.IMAGE_ID).sum()))  # text tokens of the prompt
+    acc = {s: right[s] / total[s] for s in sizes if total[s]}
+    acc["overall"] = sum(right.values()) / sum(total.values())
+    return acc, dict(total, overall=sum(total.values())), round(sum(prompt_tokens) / len(prompt_tokens)), samples
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -466,13 +601,10 @@ def main(argv=None, distributed=True, last=True):
         os.makedirs(cfg.out_dir, exist_ok=True)
         check_out_dir(cfg)
     if cfg.preset == "tiny" and not (mcfg.vit_path or mcfg.llm_path or cfg.from_scratch):
-        if master:
-            tiny_base()  # built once, by one process
-        if world > 1:
-            dist.barrier()
         mcfg.vit_path, mcfg.llm_path = tiny_base()
     # the tokenizer travels with checkpoints; else it is the LM's, or the tiny one
-    tok_dir = (ckpt_dir if cfg.resume else cfg.init) or cfg.llm or (tiny_tokenizer() if cfg.preset == "tiny" else "")
+    tok_dir = ((ckpt_dir if cfg.resume else cfg.init) or mcfg.llm_path
+               or (tiny_tokenizer() if cfg.preset == "tiny" else ""))
     if not tok_dir:
         raise ValueError(f"--preset={cfg.preset} needs --llm=DIR (the language model and its tokenizer)")
     tok = Tokenizer.from_pretrained(tok_dir)
