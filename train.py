@@ -80,7 +80,7 @@ class TrainConfig:
     num_workers: int = 1          # DataLoader workers: image decoding stays off the training process
     eval_interval: int = 100      # evaluate + checkpoint every N steps; 0: only at the end
     eval_answers: int = 32        # greedy answers scored by exact match at each evaluation
-    from_scratch: bool = False    # tiny presets: random ViT/LM instead of the cached tiny base
+    from_scratch: bool = False    # tiny presets: random ViT/LM instead of the shipped tiny base (assets/)
 
 
 # ----------------------------------------------------------------------------- command line

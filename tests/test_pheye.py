@@ -367,6 +367,6 @@ def test_tiny_pheye_trains_and_its_loss_falls():
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     # From ln(512) = 6.2 (a uniform guess) to about 3.9 within 20 steps. The frozen tiny LM here is random (the
-    # trained tiny base of train.py takes minutes to build), which caps how confident its logits can get.
+    # test keeps to random weights), which caps how confident its logits can get.
     assert losses[0] > 6.0
     assert sum(losses[-5:]) / 5 < 5.3, losses  # the frozen random LM limits how far it can fall
