@@ -103,8 +103,13 @@ def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS):
         im = expand2square(im, tuple(round(255 * m) for m in CLIP_MEAN))
     if im.size != (size, size):
         im = im.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
-    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    return clip_normalize(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1))  # (3, S, S), a copy
+
+
+def clip_normalize(x):
+    """uint8 RGB (..., 3, H, W) -> float32 CLIP-normalised."""
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
 
 
 # ----------------------------------------------------------------------------- chat templates

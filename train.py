@@ -345,8 +345,7 @@ def patch_tensors(n, split, seed=0):
 
 def vit_pixels(images):
     """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W), as data.load_image."""
-    x = images.permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+    return data.clip_normalize(images.permute(0, 3, 1, 2))
 
 
 def patch_logits(vit, heads, pixels):
@@ -472,32 +471,15 @@ def pretrain_tiny_lm(out, vit=TINY_VIT, iters=5000, work=None, args=(), gate=BAS
         json.dump(recipe, f, indent=1)
 
 
-@torch.no_grad()
-def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8):
-    """Greedy answers of `net` to the first n questions of a synthetic split, scored by exact match
-    (data.normalize_answer) per detail size: ({"large", "medium", "small", "overall"}, counts, the mean prompt
-    length in text tokens, a few (truth, said, size) samples)."""
-    c = net.config
-    qa = data.SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=c.image_size,
-                               pad_square=c.pad_square).qa_set(n)
-    sizes = tuple(data.SIZES)
-    right, total, prompt_tokens, samples = dict.fromkeys(sizes, 0), dict.fromkeys(sizes, 0), [], []
-    for b in torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate):
-        out = net.generate(b["pixels"], b["ids"], max_new_tokens=max_new_tokens, mask=b["mask"],
-                           eos_id=data.end_of_turn(tok, template))
-        for row, answer, size, m, ids in zip(out.tolist(), b["answer"], b["detail"], b["mask"], b["ids"]):
-            said = data.answer_text(tok, row)
-            if len(samples) < 6:
-                samples.append(dict(truth=answer, said=said, size=size))
-            right[size] += data.normalize_answer(said) == data.normalize_answer(answer)
-            total[size] += 1
-            prompt_tokens.append(int(m.sum()) - int((ids == data.IMAGE_ID).sum()))  # text tokens of the prompt
-    acc = {s: right[s] / total[s] for s in sizes if total[s]}
-    acc["overall"] = sum(right.values()) / sum(total.values())
-    return acc, dict(total, overall=sum(total.values())), round(sum(prompt_tokens) / len(prompt_tokens)), samples
-
-
 # ----------------------------------------------------------------------------- evaluation
+def greedy_answers(model, b, tok, eos_id, max_new_tokens, device="cpu"):
+    """Greedy answers to a batch of a QA set: (answer texts, exact match of each against b["answer"])."""
+    out = model.generate(b["pixels"].to(device), b["ids"].to(device), max_new_tokens=max_new_tokens,
+                         mask=b["mask"].to(device), eos_id=eos_id)
+    said = [data.answer_text(tok, row) for row in out.tolist()]
+    return said, [data.normalize_answer(s) == data.normalize_answer(a) for s, a in zip(said, b["answer"])]
+
+
 @torch.no_grad()
 def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id, max_new_tokens=16):
     """Validation loss (token mean over all ranks) and exact-match accuracy of greedy answers."""
@@ -513,16 +495,36 @@ def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id, max_new
     correct, total, shown = torch.zeros((), device=device), torch.zeros((), device=device), []
     for b in qa:
         with ctx:
-            out = raw_model.generate(b["pixels"].to(device), b["ids"].to(device), max_new_tokens=max_new_tokens,
-                                     mask=b["mask"].to(device), eos_id=eos_id)
-        for row, question, answer in zip(out.tolist(), b["question"], b["answer"]):
-            said = data.answer_text(tok, row)
-            correct += data.normalize_answer(said) == data.normalize_answer(answer)
-            total += 1
-            shown.append((question, answer, said))
+            said, ok = greedy_answers(raw_model, b, tok, eos_id, max_new_tokens, device)
+        correct += sum(ok)
+        total += len(ok)
+        shown += zip(b["question"], b["answer"], said)
     all_reduce(correct, world), all_reduce(total, world)
     raw_model.train()
     return (loss_sum / n_tok.clamp(min=1)).item(), round((correct / total.clamp(min=1)).item(), 4), shown
+
+
+@torch.no_grad()
+def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8):
+    """Greedy answers of `net` to the first n questions of a synthetic split, scored by exact match
+    (data.normalize_answer) per detail size: ({"large", "medium", "small", "overall"}, counts, the mean prompt
+    length in text tokens, a few (truth, said, size) samples)."""
+    c = net.config
+    qa = data.SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=c.image_size,
+                               pad_square=c.pad_square).qa_set(n)
+    sizes = tuple(data.SIZES)
+    right, total, prompt_tokens, samples = dict.fromkeys(sizes, 0), dict.fromkeys(sizes, 0), [], []
+    for b in torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate):
+        said, ok = greedy_answers(net, b, tok, data.end_of_turn(tok, template), max_new_tokens)
+        for s, hit, answer, size, m, ids in zip(said, ok, b["answer"], b["detail"], b["mask"], b["ids"]):
+            if len(samples) < 6:
+                samples.append(dict(truth=answer, said=s, size=size))
+            right[size] += hit
+            total[size] += 1
+            prompt_tokens.append(int(m.sum()) - int((ids == data.IMAGE_ID).sum()))  # text tokens of the prompt
+    acc = {s: right[s] / total[s] for s in sizes if total[s]}
+    acc["overall"] = sum(right.values()) / sum(total.values())
+    return acc, dict(total, overall=sum(total.values())), round(sum(prompt_tokens) / len(prompt_tokens)), samples
 
 
 # ----------------------------------------------------------------------------- the loop

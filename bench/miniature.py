@@ -10,10 +10,11 @@ Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as
 stage (ALIGN: LLaVA-1.5/HIRE/INF-LLaVA "pretrain" on captions, Pheye "stage1") for --align_iters steps, then its
 instruction stage (the model file's last) from that checkpoint (--init) for --iters steps. Every model starts
 from the same tiny pretrained ViT, LM and tokenizer (assets/, train.tiny_base), follows its paper's freezing
-recipe and learning rates, and gets the same steps, batch and seeds. Then the checkpoint answers the test split greedily and
-the answers are scored by exact match (data.normalize_answer), overall and per detail size. The table also gives
-the parameters the stage trains, the analytic first-token cost of the tiny config (flops.py; 1 FLOP = 1
-multiply-add, every one counted, as the papers count) and the median wall time per training step (log.jsonl).
+recipe and learning rates, and gets the same steps, batch and seeds. Then the checkpoint answers the test split
+greedily and the answers are scored by exact match (data.normalize_answer), overall and per detail size. The
+table also gives the parameters the stage trains, the analytic first-token cost of the tiny config (flops.py;
+1 FLOP = 1 multiply-add, every one counted, as the papers count) and the median wall time per training step
+(log.jsonl).
 Runs go at most --jobs at a time, one thread each; a run whose result.json matches its arguments is reused.
 """
 import argparse
