@@ -457,14 +457,21 @@ class LlavaJsonDataset(_Samples):
 # A 3x3 grid of cells on a light background, rendered at RENDER = 384 px. Each cell may hold one item: a character
 # drawn in a 3x5 pixel font, a shape, or a group of dots, in one of three detail sizes. The scale s (canonical
 # pixels per font pixel) sets the size: "large" (s=12) keeps 2 px per font pixel in the 64-px low-resolution
-# view; "medium" (s=5) 0.83 px at 64 and 1.7 px at 128; "small" (s=4) 0.67 px at 64, 1.3 px at 128, 2 px at 192.
-# tests/test_data.py measures what thresholding pixel readers can still read at each resolution; a learned reader
-# reads more (the pretrained tiny ViT reads small characters at 64 px: tests/test_train.py), since the renders are
-# noise-free and their grey levels keep the glyph. Every question is about one item; its size is the sample's
-# "detail" (like Pheye's tertiles of relative answer area).
+# view; "medium" (s=5) 0.83 px at 64 and 1.7 px at 128; "small" (s=3) 0.5 px at 64, 1 px at 128, 1.5 px at 192.
+# Size alone does not hide a detail from a learned reader: on noise-free renders a small MLP told where the item
+# is reads small items from the 64-px view at 99%, from the grey levels of the few pixels they blur into. So the
+# image is also what a camera gives: each item's ink is faded towards the background by a random fraction (up
+# to FADE, so its darkness does not give away its area), and sensor noise is drawn per pixel at SENSOR = 192 px
+# (the sharpest view) and upsampled, so that averaging it away takes pixels the low-resolution views do not
+# have. tests/test_data.py measures what thresholding pixel readers still read at each resolution and
+# tests/test_train.py what the pretrained tiny ViT reads. Every question is about one item; its size is the
+# sample's "detail" (like Pheye's tertiles of relative answer area).
 RENDER = 384
 CELL = RENDER // 3
-SIZES = {"large": 12, "medium": 5, "small": 4}
+SIZES = {"large": 12, "medium": 5, "small": 3}
+FADE = 0.4     # each item's ink is mixed with up to this fraction of the background colour
+SENSOR = 192   # the sensor's resolution: its noise is drawn per pixel at the sharpest view and upsampled to RENDER
+NOISE = 32.0   # std of the sensor noise, in 0-255 levels per channel
 POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")
 COLOURS = {"red": (205, 30, 30), "green": (20, 135, 45), "blue": (35, 60, 210), "purple": (125, 40, 165),
@@ -488,7 +495,7 @@ def _item(rng, size):
     """One item of a given detail size, placed at a random integer offset inside its cell (relative box)."""
     s = SIZES[size]
     kind = rng.choice(("char", "shape", "dots"))
-    item = {"kind": kind, "size": size, "colour": rng.choice(sorted(COLOURS))}
+    item = {"kind": kind, "size": size, "colour": rng.choice(sorted(COLOURS)), "fade": rng.uniform(0, FADE)}
     if kind == "char":
         item["value"], (w, h) = rng.choice(sorted(FONT)), (3 * s, 5 * s)
     elif kind == "shape":
@@ -511,7 +518,7 @@ def make_scene(rng, detail):
     target = rng.randrange(len(POSITIONS))
     cells[target] = _item(rng, detail)
     background = tuple(rng.randint(215, 250) for _ in range(3))
-    return {"background": background, "cells": cells, "target": target}
+    return {"background": background, "cells": cells, "target": target, "noise_seed": rng.getrandbits(32)}
 
 
 def item_box(scene, k):
@@ -523,14 +530,16 @@ def item_box(scene, k):
 
 
 def render(scene):
-    """The scene as a RENDER x RENDER RGB PIL image (hard-edged pixels: the detail is what resolution keeps)."""
+    """The scene as a RENDER x RENDER RGB PIL image: hard-edged items (the detail is what resolution keeps),
+    then the scene's sensor noise."""
     im = Image.new("RGB", (RENDER, RENDER), scene["background"])
     draw = ImageDraw.Draw(im)
     for k, item in enumerate(scene["cells"]):
         if item is None:
             continue
         x, y, x1, y1 = item_box(scene, k)
-        s, c = SIZES[item["size"]], COLOURS[item["colour"]]
+        s, fade = SIZES[item["size"]], item["fade"]
+        c = tuple(round(v + fade * (b - v)) for v, b in zip(COLOURS[item["colour"]], scene["background"]))
         if item["kind"] == "char":
             for j, bit in enumerate(FONT[item["value"]]):
                 if bit == "#":
@@ -545,7 +554,10 @@ def render(scene):
         else:
             for dx, dy in item["dots"]:
                 draw.ellipse((x + dx, y + dy, x + dx + s - 1, y + dy + s - 1), fill=c)
-    return im
+    n = RENDER // SENSOR
+    noise = np.random.default_rng(scene["noise_seed"]).normal(0, NOISE, (SENSOR, SENSOR, 3)).astype(np.float32)
+    pixels = np.asarray(im, np.float32) + noise.repeat(n, 0).repeat(n, 1)
+    return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
 
 
 def describe(item):

