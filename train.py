@@ -336,9 +336,9 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # t
 TINY_VIT, TINY_LM = os.path.join(ASSETS, "tiny-vit"), os.path.join(ASSETS, "tiny-lm")
 
 
-def patch_tensors(n, split, seed=0):
+def patch_tensors(n, split, seed=0, scales=(1, 1, 2, 3)):
     """n pretraining examples of data.patch_example as (uint8 images (n, 64, 64, 3), labels (n, 64), items)."""
-    ex = [data.patch_example(seed, split, i) for i in range(n)]
+    ex = [data.patch_example(seed, split, i, scales=scales) for i in range(n)]
     return (torch.from_numpy(np.stack([e[0] for e in ex])), torch.from_numpy(np.stack([e[1] for e in ex])),
             [e[2] for e in ex])
 
