@@ -271,8 +271,9 @@ def test_shipped_tiny_vit_reads_small_items_only_at_high_resolution():
 def test_shipped_tiny_lm_reads_the_image_through_its_vit():
     """assets/tiny-lm with the projector it was trained with, on assets/tiny-vit: greedy answers to unseen
     test-split questions (pretraining validated on the val split). Measured on these 120: large / medium / small
-    0.62 / 0.38 / 0.53, overall 0.51; with each question shown its neighbour's image 0.20 / 0.33 / 0.20, 0.24, as
-    answering from the question alone (the most frequent answer of each kind: 0.22)."""
+    0.57 / 0.50 / 0.23, overall 0.43 (small details, unreadable at its 64-px view, at the no-image level); with
+    each question shown its neighbour's image 0.15 / 0.25 / 0.38, 0.26, as answering from the question alone (the
+    most frequent answer of each kind: 0.22)."""
     import hire
     from llm import Tokenizer
     vit_dir, lm_dir = train.tiny_base()
@@ -282,7 +283,7 @@ def test_shipped_tiny_lm_reads_the_image_through_its_vit():
     model.projector.load_state_dict(load_file(os.path.join(lm_dir, "projector.safetensors")))
     tok = Tokenizer.from_pretrained(lm_dir)
     acc = train.detail_accuracy(model.eval(), tok, "mix", 160, "test")[0]
-    assert acc["large"] >= 0.45 and acc["overall"] >= 0.4, acc
+    assert acc["large"] >= 0.45 and acc["overall"] >= 0.38 and acc["small"] < acc["large"] - 0.2, acc
     generate = model.generate  # each question now sees the image of its neighbour in the batch
     model.generate = lambda pixels, *args, **kw: generate(pixels.roll(1, 0), *args, **kw)
     shuffled = train.detail_accuracy(model, tok, "mix", 160, "test")[0]
