@@ -316,24 +316,17 @@ def checkpoint_blocks(blocks):
 
 
 # ----------------------------------------------------------------------------- the tiny base
-CACHE = os.environ.get("NANOHIRES_CACHE", os.path.expanduser("~/.cache/nanohires"))
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the shipped tiny base
+TINY_VIT, TINY_LM = os.path.join(ASSETS, "tiny-vit"), os.path.join(ASSETS, "tiny-lm")
 
 
 def tiny_tokenizer():
-    """The tiny presets' tokenizer: built deterministically from the synthetic corpus, cached."""
-    path = os.path.join(CACHE, "tiny-tokenizer-v1")
-    if not os.path.exists(path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        data.build_tiny_tokenizer(tmp)
-        try:
-            os.rename(tmp, path)  # atomic; another process may have won the race, which is fine
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the shipped tiny base
-TINY_VIT, TINY_LM = os.path.join(ASSETS, "tiny-vit"), os.path.join(ASSETS, "tiny-lm")
+    """The tiny presets' tokenizer: the one the tiny LM was pretrained with, shipped beside it (assets/tiny-lm;
+    data.build_tiny_tokenizer trains it, deterministically, on the synthetic corpus)."""
+    if not os.path.isfile(os.path.join(TINY_LM, "tokenizer.model")):
+        raise FileNotFoundError(f"{TINY_LM}/tokenizer.model is missing: the tiny tokenizer ships with the repository "
+                                f"(restore it from git)")
+    return TINY_LM
 
 
 def patch_tensors(n, split, seed=0, scales=(1, 1, 2, 3)):

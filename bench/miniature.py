@@ -316,7 +316,6 @@ def main(argv=None):
     t0 = time.time()
     if not args.from_scratch:
         train.tiny_base()  # shipped: a missing file fails here, not in every run
-    train.tiny_tokenizer()  # built once here, not by two runs racing for the cache
     # the slowest runs first (CPU time per step measured on the tiny presets), so that the last to start are
     # short and the --jobs workers finish together
     order = {k: i for i, k in enumerate(["hire", "pheye", "inf_llava", "inf_llava_dcm_add", "llava_s2",

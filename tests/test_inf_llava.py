@@ -345,7 +345,7 @@ def test_tiny_inf_llava_trains_loss_falls():
     import data
     import train
     from llm import Tokenizer
-    tok = Tokenizer.from_pretrained(train.tiny_tokenizer())  # built once, cached
+    tok = Tokenizer.from_pretrained(train.tiny_tokenizer())
     torch.manual_seed(0)
     cfg = tiny()
     model = INFLLaVA(cfg)
