@@ -320,15 +320,6 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # t
 TINY_VIT, TINY_LM = os.path.join(ASSETS, "tiny-vit"), os.path.join(ASSETS, "tiny-lm")
 
 
-def tiny_tokenizer():
-    """The tiny presets' tokenizer: the one the tiny LM was pretrained with, shipped beside it (assets/tiny-lm;
-    data.build_tiny_tokenizer trains it, deterministically, on the synthetic corpus)."""
-    if not os.path.isfile(os.path.join(TINY_LM, "tokenizer.model")):
-        raise FileNotFoundError(f"{TINY_LM}/tokenizer.model is missing: the tiny tokenizer ships with the repository "
-                                f"(restore it from git)")
-    return TINY_LM
-
-
 def patch_tensors(n, split, seed=0, scales=(1, 1, 2, 3)):
     """n pretraining examples of data.patch_example as (uint8 images (n, 64, 64, 3), labels (n, 64), items)."""
     ex = [data.patch_example(seed, split, i, scales=scales) for i in range(n)]
@@ -422,12 +413,20 @@ def pretrain_tiny_vit(out, steps=4000, batch_size=64, lr=2e-3, n_train=40000, n_
 
 def tiny_base():
     """Tiny presets have no public weights to freeze: they start from the tiny ViT and LM shipped in assets/
-    (3.3 + 3.9 MB), so that every model's paper recipe can freeze them as written. Returns (vit_dir, llm_dir)."""
-    for path, how in ((TINY_VIT, "pretrain_tiny_vit"), (TINY_LM, "pretrain_tiny_lm")):
-        if not os.path.isfile(os.path.join(path, "model.safetensors")):
-            raise FileNotFoundError(f"{path}/model.safetensors is missing: the tiny base ships with the repository "
+    (3.3 + 3.9 MB), so that every model's paper recipe can freeze them as written. Returns (vit_dir, llm_dir).
+    The LM's directory holds the tokenizer it was pretrained with (data.build_tiny_tokenizer trained it)."""
+    for path, how in ((f"{TINY_VIT}/model.safetensors", "pretrain_tiny_vit"),
+                      (f"{TINY_LM}/model.safetensors", "pretrain_tiny_lm"),
+                      (f"{TINY_LM}/tokenizer.model", "pretrain_tiny_lm")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the tiny base ships with the repository "
                                     f"(restore it from git, or rebuild it with train.{how})")
     return TINY_VIT, TINY_LM
+
+
+def tiny_tokenizer():
+    """The tiny presets' tokenizer, even for a run from scratch: the tiny LM's (assets/tiny-lm)."""
+    return tiny_base()[1]
 
 
 BASE_GATE = 0.5  # the least accuracy on large details for a tiny LM to be kept

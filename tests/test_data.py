@@ -430,14 +430,19 @@ def test_patch_labels_cover_exactly_the_ink(monkeypatch):
 
 # ----------------------------------------------------------------------------- tokenizer and workers
 def test_tiny_tokenizer(tok, tok_dir, tmp_path):
+    """data.build_tiny_tokenizer is deterministic; what it builds and the copy the tiny presets use (shipped with
+    the tiny LM, trained on the corpus of the generator the LM learnt on) both put the specials where the
+    templates expect them and encode every line of today's corpus, and any plain text, without <unk>."""
+    import train
     again = data.build_tiny_tokenizer(str(tmp_path / "again"))
     for name in ("tokenizer.model", "tokenizer_config.json"):
         assert open(os.path.join(tok_dir, name), "rb").read() == open(os.path.join(again, name), "rb").read()
-    assert tok.vocab_size == 512 and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
-    assert [tok.special[s] for s in ["<unk>", *data.TINY_SPECIALS]] == [0, 4, 5, 6, 7]
-    for line in data.tiny_corpus(50)[:60] + ["Any text: ~{}|`^_ 0123456789, AZ az!"]:
-        ids = tok.encode(line)
-        assert 0 not in ids and tok.decode(ids) == line
+    for t in (tok, Tokenizer.from_pretrained(train.tiny_tokenizer())):
+        assert t.vocab_size == 512 and (t.bos_id, t.eos_id, t.pad_id) == (1, 2, 3)
+        assert [t.special[s] for s in ["<unk>", *data.TINY_SPECIALS]] == [0, 4, 5, 6, 7]
+        for line in data.tiny_corpus(200) + ["Any text: ~{}|`^_ 0123456789, AZ az!"]:
+            ids = t.encode(line)
+            assert 0 not in ids and t.decode(ids) == line, line
 
 
 def test_dataloader_workers_match_main_process(tok):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,22 +281,17 @@ def test_shipped_tiny_lm_reads_the_image_through_its_vit():
     assert shuffled["large"] < acc["large"] - 0.25 and shuffled["overall"] < acc["overall"] - 0.15, (acc, shuffled)
 
 
-def test_shipped_tokenizer_covers_the_synthetic_text():
-    """The tiny tokenizer ships with the tiny LM (it was trained on the corpus of the generator the LM learnt
-    on): every line of today's corpus encodes without <unk> and decodes back, the specials sit where
-    data.build_tiny_tokenizer puts them, and the tiny presets read it from there."""
-    from llm import Tokenizer
-    assert train.tiny_tokenizer() == train.TINY_LM
-    tok = Tokenizer.from_pretrained(train.tiny_tokenizer())
-    assert tok.vocab_size == 512 and (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
-    assert [tok.special[s] for s in ["<unk>", *data.TINY_SPECIALS]] == [0, 4, 5, 6, 7]
-    for line in data.tiny_corpus(200):
-        ids = tok.encode(line)
-        assert 0 not in ids and tok.decode(ids) == line, line
-
-
 def test_tiny_lm_that_cannot_see_is_refused(tmp_path):
     out = str(tmp_path / "lm")
     with pytest.raises(RuntimeError, match=r"reads large details at \d+% \(< 50%\): it does not see the image"):
         train.pretrain_tiny_lm(out, iters=2)  # two steps: it cannot have learnt to read the image
     assert not os.path.exists(out)
+
+
+def test_missing_tiny_base_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "TINY_LM", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors is missing: .*train.pretrain_tiny_lm"):
+        train.tiny_tokenizer()
+    open(tmp_path / "model.safetensors", "wb").close()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.model is missing"):
+        train.tiny_base()
