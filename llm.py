@@ -32,7 +32,7 @@ class LLMConfig:
     head_dim: int | None = None     # None: d_model // n_head
     norm: str = "rms"               # "rms" (LLaMA, Qwen2) | "layer" (Phi, GPT-2)
     mlp: str = "swiglu"             # "swiglu" | "gelu" (plain two-layer MLP with config.act)
-    act: str = "silu"               # "silu" | "gelu_new" | "gelu"
+    act: str = "silu"               # one of ACTS: "silu" | "gelu" | "gelu_new" | "gelu_pytorch_tanh"
     pos: str = "rope"               # "rope" | "learned" (GPT-2)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...} as in HF configs
@@ -43,6 +43,7 @@ class LLMConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     head_bias: bool = False
+    scale_attn: bool = True         # False: scores q.k without the 1/sqrt(hs) (GPT-2's scale_attn_weights=False)
     eps: float = 1e-5
     family: str = "llama"           # HF layout used by save_pretrained: "llama" | "qwen2" | "phi" | "gpt2"
 
@@ -82,15 +83,17 @@ class LLMConfig:
             d = cfg["n_embd"]
             return LLMConfig(cfg["vocab_size"], d, cfg["n_layer"], cfg["n_head"], cfg["n_head"],
                              cfg.get("n_inner") or 4 * d, cfg["n_positions"], norm="layer", mlp="gelu",
-                             act=cfg.get("activation_function", "gelu_new"), pos="learned", qkv_bias=True,
+                             act=_act(cfg, "activation_function", "gelu_new"), pos="learned", qkv_bias=True,
                              out_bias=True, mlp_bias=True, tie_embeddings=cfg.get("tie_word_embeddings", True),
+                             scale_attn=cfg.get("scale_attn_weights", True),
                              eps=cfg.get("layer_norm_epsilon", 1e-5), family="gpt2")
         # transformers >= 5 writes rope settings into `rope_parameters`; older files have top-level
         # rope_theta / rope_scaling / partial_rotary_factor. Read both.
         rope = dict(cfg.get("rope_parameters") or {})
         rope.update({k: v for k, v in (cfg.get("rope_scaling") or {}).items() if k not in rope})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        # PhiConfig's default is 0.5 (a file without the field rotates half of each head); the others rotate all
+        partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5 if family == "phi" else 1.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
@@ -101,7 +104,7 @@ class LLMConfig:
         common = dict(vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"],
                       n_head=n_head, n_kv_head=cfg.get("num_key_value_heads") or n_head,
                       d_ff=cfg["intermediate_size"], max_seq_len=cfg["max_position_embeddings"],
-                      head_dim=head_dim, act=cfg.get("hidden_act", "silu"), rope_theta=theta,
+                      head_dim=head_dim, act=_act(cfg, "hidden_act", "silu"), rope_theta=theta,
                       rope_scaling=scaling, tie_embeddings=cfg.get("tie_word_embeddings", False), family=family)
         if family == "phi":
             if cfg.get("qk_layernorm"):
@@ -126,7 +129,7 @@ class LLMConfig:
             return {"architectures": [HF_ARCH[f]], "model_type": f, "vocab_size": c.vocab_size, "n_embd": c.d_model,
                     "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.d_ff, "n_positions": c.max_seq_len,
                     "activation_function": c.act, "layer_norm_epsilon": c.eps, "tie_word_embeddings": c.tie_embeddings,
-                    "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+                    "scale_attn_weights": c.scale_attn, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
         out = {"architectures": [HF_ARCH[f]], "model_type": f, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
                "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
                "num_key_value_heads": c.n_kv_head, "head_dim": c.hd, "max_position_embeddings": c.max_seq_len,
@@ -144,6 +147,13 @@ class LLMConfig:
 
 HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi": "PhiForCausalLM",
            "gpt2": "GPT2LMHeadModel"}
+
+
+def _act(cfg, field, default):
+    act = cfg.get(field, default)
+    if act not in ACTS:
+        raise ValueError(f"{cfg.get('model_type')} config {field}={act!r} is not supported; supported: {sorted(ACTS)}")
+    return act
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +216,7 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.n_head, self.n_kv_head, self.hd = c.n_head, c.n_kv_head, c.hd
+        self.scale = None if c.scale_attn else 1.0  # None: SDPA's 1/sqrt(hs)
         self.q_proj = nn.Linear(c.d_model, c.n_head * c.hd, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.hd, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.hd, bias=c.qkv_bias)
@@ -222,7 +233,7 @@ class Attention(nn.Module):
             k, v = cache.update(i, k, v)                                         # (B, nkv, S, hs)
         # no mask and no past: plain causal; one new token after a cache with no padding: sees everything
         causal = attn_mask is None and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
@@ -231,6 +242,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
+        if c.act not in ACTS:
+            raise ValueError(f"LLMConfig.act={c.act!r} is not supported; supported: {sorted(ACTS)}")
         self.act = ACTS[c.act]
         # SwiGLU (Shazeer 2020, "GLU Variants", FFN_SwiGLU = (Swish(xW) * xV) W2): gate_proj=W, up_proj=V
         self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias) if c.mlp == "swiglu" else None
@@ -474,9 +487,10 @@ def _to_hf(config, state):
             # GPT-2 fuses q, k, v into one c_attn projection
             kv = [state[name.replace("q_proj", p)] for p in ("k_proj", "v_proj")]
             t, hf = torch.cat([t, *kv]), hf.replace("self_attn.q_proj", "attn.c_attn")
-        if fam == "gpt2" and t.dim() == 2 and not name.startswith("embed_"):
+        if fam == "gpt2" and t.dim() == 2 and not name.startswith(("embed_", "lm_head.")):
             # GPT-2 uses Conv1D (HF pytorch_utils.Conv1D, kept from OpenAI's TF code, which computed x @ W with
-            # W of shape (in, out)): its weights are stored transposed relative to nn.Linear's (out, in).
+            # W of shape (in, out)): its weights are stored transposed relative to nn.Linear's (out, in). The
+            # embeddings and an untied lm_head (an nn.Linear in GPT2LMHeadModel) are stored as ours.
             t = t.t()
         out[hf] = t
     return out
