@@ -856,19 +856,23 @@ class Tokenizer:
         return ids[0] if len(ids) == 1 else None
 
     def _resolve_ids(self, configs):
-        """bos/eos/pad: tokenizer_config.json, then special_tokens_map.json, then generation_config.json and
-        config.json ids, then the format's defaults."""
+        """bos/eos/pad as transformers resolves them: the token files first, then generation_config.json and
+        config.json ids, then the format's defaults. A tokenizer_config.json with added_tokens_decoder is read
+        alone; an older one without it is overridden by special_tokens_map.json wherever the map names a role
+        (Vicuna: pad_token null in the config, "<unk>" in the map -> pad 0). A named role, even a null, wins."""
         tc, sm, gc, cfg = (configs[k] for k in ("tokenizer_config", "special_tokens_map", "generation_config",
                                                 "config"))
+        files = [("tokenizer_config.json", tc)]
+        if "added_tokens_decoder" not in tc:
+            files.insert(0, ("special_tokens_map.json", sm))
         for role in ("bos", "eos", "pad"):
             key = role + "_token"
-            if key in tc:                                  # present, even as null, in tokenizer_config: it wins
-                name = _token_content(tc[key])
+            where, c = next(((file, c) for file, c in files if key in c), (None, None))
+            if where is not None:
+                name = _token_content(c[key])
                 value = None if name is None else self._token_id(name)
                 if name is not None and value is None:
-                    raise ValueError(f"tokenizer_config.json names {key}={name!r}, which is not in the vocabulary")
-            elif _token_content(sm.get(key)) is not None:
-                value = self._token_id(_token_content(sm[key]))
+                    raise ValueError(f"{where} names {key}={name!r}, which is not in the vocabulary")
             else:
                 value = next((c[role + "_token_id"] for c in (gc, cfg) if c.get(role + "_token_id") is not None),
                              self._defaults.get(role))
