@@ -25,7 +25,7 @@ class ViTConfig:
     layers: int = 24
     heads: int = 16
     mlp_dim: int = 4096
-    act: str = "quick_gelu"  # OpenAI CLIP; "gelu" (exact erf) for the LAION/DFN ViT-H
+    act: str = "quick_gelu"  # OpenAI CLIP and DFN-5B; "gelu" (exact erf) for LAION-2B's ViT-H
     eps: float = 1e-5
     post_norm: bool = True  # CLIP's post-LayerNorm on the class token (pooled output)
 
@@ -34,8 +34,10 @@ class ViTConfig:
         presets = {
             # openai/clip-vit-large-patch14-336: the tower of LLaVA-1.5, HIRE and INF-LLaVA
             "clip-vit-l-14-336": ViTConfig(),
-            # CLIP-ViT-H/14 (LAION-2B / DFN-5B), Pheye's tower, 224 px
-            "clip-vit-h-14": ViTConfig(image_size=224, width=1280, layers=32, heads=16, mlp_dim=5120, act="gelu"),
+            # CLIP-ViT-H/14 trained on DFN-5B, Pheye's tower, 224 px. open_clip registers it as ViT-H-14-quickgelu
+            # (pretrained="dfn5b"): quick_gelu, unlike LAION-2B's ViT-H-14 (exact gelu; a directory load reads
+            # the file's hidden_act either way)
+            "clip-vit-h-14": ViTConfig(image_size=224, width=1280, layers=32, heads=16, mlp_dim=5120),
             # shared by every tiny model so the miniature benchmark is fair (see spec.md)
             "tiny": ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
         }
@@ -316,8 +318,8 @@ class ViT(nn.Module):
     @staticmethod
     def config_from_hf(cfg: dict, path: str = "") -> ViTConfig:
         model_type = cfg.get("model_type")
-        if model_type == "clip":
-            cfg = cfg.get("vision_config") or {}
+        if model_type == "clip":  # an old file's vision_config_dict wins over vision_config, as in transformers
+            cfg = cfg.get("vision_config_dict") or cfg.get("vision_config") or {}
         elif model_type != "clip_vision_model":
             raise ValueError(f"{path}: unsupported model_type {model_type!r}; ViT loads 'clip_vision_model', 'clip'")
         if cfg.get("num_channels", 3) != 3:
