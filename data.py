@@ -95,12 +95,20 @@ def open_image(path_or_pil, max_pixels=MAX_PIXELS):
     return _to_rgb(im, name)
 
 
-def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS):
-    """(3, size, size) float32, CLIP-normalised. pad_square: LLaVA's pad to square with the mean colour, else a
-    plain (aspect-changing) resize as INF-LLaVA and Pheye do. Bicubic, as CLIP's preprocessing."""
+def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS, center_crop=False):
+    """(3, size, size) float32, CLIP-normalised; bicubic, as CLIP's preprocessing. pad_square: LLaVA's pad to a
+    square with the mean colour, then resize. Else center_crop: CLIP's processor alone (resize the shortest side to
+    size, crop the centre; LLaVA-style training without --image_aspect_ratio pad, e.g. INF-LLaVA's pretraining),
+    or neither: a plain aspect-changing resize (Pheye)."""
     im = open_image(path_or_pil, max_pixels)
     if pad_square:
-        im = expand2square(im, tuple(round(255 * m) for m in CLIP_MEAN))
+        im = expand2square(im, tuple(int(255 * m) for m in CLIP_MEAN))  # LLaVA: int(x * 255), i.e. (122, 116, 104)
+    elif center_crop and im.width != im.height:
+        w, h = im.size  # as CLIPImageProcessor: the long side int(size * long / short), the crop's corner floored
+        w, h = (size, int(size * h / w)) if w < h else (int(size * w / h), size)
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
     if im.size != (size, size):
         im = im.resize((size, size), Image.BICUBIC)
     return clip_normalize(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1))  # (3, S, S), a copy
@@ -310,9 +318,9 @@ class _Samples(torch.utils.data.Dataset):
     """What both datasets share: record(i) + image(i) -> (pixels, ids, labels); collate; qa_set.
     Picklable (no lambdas, no open files): DataLoader workers get a copy."""
 
-    def _init(self, tok, template, image_size, pad_square, max_len):
+    def _init(self, tok, template, image_size, pad_square, max_len, center_crop=False):
         self.tok, self.template, self.image_size = tok, template, image_size
-        self.pad_square, self.max_len, self.n_truncated = pad_square, max_len, 0
+        self.pad_square, self.center_crop, self.max_len, self.n_truncated = pad_square, center_crop, max_len, 0
         self.max_pixels = MAX_PIXELS
         if template not in TEMPLATES + ("mix",):
             raise DataError(f"unknown chat template {template!r} (one of {', '.join(TEMPLATES)}, mix)")
@@ -332,7 +340,8 @@ class _Samples(torch.utils.data.Dataset):
         if cut:   # counted per process (each DataLoader worker counts its own)
             self.n_truncated += 1
             warnings.warn(f"{caught[0].message} [{self.n_truncated} truncated so far]", stacklevel=2)
-        return load_image(self.image(i), self.image_size, self.pad_square, self.max_pixels), ids, labels, rec
+        return (load_image(self.image(i), self.image_size, self.pad_square, self.max_pixels, self.center_crop), ids,
+                labels, rec)
 
     def template_of(self, i):
         return MIX[i % len(MIX)] if self.template == "mix" else self.template
@@ -393,8 +402,9 @@ class LlavaJsonDataset(_Samples):
     val_every-th record, at most n of them)."""
 
     def __init__(self, path, tok, template="vicuna_v1", image_size=64, pad_square=True, max_len=None,
-                 image_dir=None, skip_bad=False, split=None, n=None, val_every=50, max_pixels=MAX_PIXELS):
-        self._init(tok, template, image_size, pad_square, max_len)
+                 image_dir=None, skip_bad=False, split=None, n=None, val_every=50, max_pixels=MAX_PIXELS,
+                 center_crop=False):
+        self._init(tok, template, image_size, pad_square, max_len, center_crop)
         self.path, self.skip_bad, self.max_pixels = path, skip_bad, max_pixels
         self.image_dir = image_dir or os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(self.image_dir):
@@ -601,8 +611,8 @@ class SyntheticDataset(_Samples):
     task "qa" (one question per image, answer needs the item's detail) or "caption" (all items)."""
 
     def __init__(self, tok, n=1000, split="train", seed=0, template="vicuna_v1", image_size=64, pad_square=True,
-                 max_len=None, task="qa"):
-        self._init(tok, template, image_size, pad_square, max_len)
+                 max_len=None, task="qa", center_crop=False):
+        self._init(tok, template, image_size, pad_square, max_len, center_crop)
         if n < 1:
             raise DataError(f"synthetic dataset: empty (n={n})")
         synthetic_record(seed, split, 0, task)   # validates split and task now, not in a worker
@@ -679,15 +689,15 @@ def patch_example(seed, split, i, view=64, patch=8, scales=(1, 1, 2, 3)):
 
 
 def make_dataset(data, tok, template, image_size, pad_square, max_len=None, split="train", n=1000, seed=0,
-                 image_dir=None, skip_bad=False, task=None):
+                 image_dir=None, skip_bad=False, task=None, center_crop=False):
     """train.py's entry: "synthetic" (task: captions for the plain template, else QA) or a LLaVA JSON path."""
     if data == "synthetic":
         task = task or ("caption" if template == "plain" else "qa")
         return SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=image_size,
-                                pad_square=pad_square, max_len=max_len, task=task)
+                                pad_square=pad_square, max_len=max_len, task=task, center_crop=center_crop)
     return LlavaJsonDataset(data, tok, template=template, image_size=image_size, pad_square=pad_square,
                             max_len=max_len, image_dir=image_dir or None, skip_bad=skip_bad, split=split,
-                            n=n if split != "train" else None)
+                            n=n if split != "train" else None, center_crop=center_crop)
 
 
 # ----------------------------------------------------------------------------- the tiny tokenizer

@@ -184,10 +184,28 @@ def test_image_modes_to_rgb():
         assert torch.allclose(x[:, 0, 0], torch.tensor(norm(rgb)), atol=1e-5), name
 
 
+def test_center_crop_and_pad_match_clip_processor():
+    """center_crop: CLIP's processor (shortest side to size, centre crop), what LLaVA-style training does without
+    --image_aspect_ratio pad; pad_square: LLaVA's expand2square, then the same processor."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 12}, crop_size={"height": 12, "width": 12})
+    g = np.random.default_rng(0)
+    for w, h in [(31, 17), (17, 31), (40, 13), (13, 13)]:
+        im = Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = torch.from_numpy(clip(im, return_tensors="np")["pixel_values"][0])
+        assert (data.load_image(im, 12, pad_square=False, center_crop=True) - ref).abs().max() < 1e-5, (w, h)
+        squashed = data.load_image(im, 12, pad_square=False)  # Pheye's plain resize is another image
+        assert w == h or (squashed - ref).abs().max() > 0.1
+        canvas = Image.new("RGB", (max(w, h),) * 2, tuple(int(255 * m) for m in clip.image_mean))
+        canvas.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))  # LLaVA train.py's expand2square
+        ref = torch.from_numpy(clip(canvas, return_tensors="np")["pixel_values"][0])
+        assert (data.load_image(im, 12, pad_square=True) - ref).abs().max() < 1e-5, (w, h)
+
+
 def test_pad_square_and_exif(tmp_path):
     im = Image.new("RGB", (8, 4), (255, 255, 255))
     x = data.load_image(im, 8, pad_square=True)   # 8x4 centred on 8x8: rows 0-1 and 6-7 are the mean colour
-    mean = torch.tensor(norm([round(255 * m) for m in data.CLIP_MEAN]))
+    mean = torch.tensor(norm([122, 116, 104]))    # LLaVA's tuple(int(x * 255) for x in image_mean)
     assert torch.allclose(x[:, 0, 0], mean, atol=1e-5) and torch.allclose(x[:, 7, 7], mean, atol=1e-5)
     assert torch.allclose(x[:, 4, 4], torch.tensor(norm([255] * 3)), atol=1e-5)
     assert torch.allclose(data.load_image(im, 8, pad_square=False)[:, 0, 0], torch.tensor(norm([255] * 3)))
