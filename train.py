@@ -644,9 +644,10 @@ def main(argv=None, distributed=True, last=True):
     template = recipe.get("template", raw_model.config.template)
     mc = raw_model.config  # as the model resolved it (e.g. S2's input is its largest scale)
     make = lambda split, n: data.make_dataset(cfg.data, tok, template=template, image_size=mc.image_size,
-                                              pad_square=mc.pad_square, max_len=cfg.max_len, split=split,
-                                              n=n, seed=cfg.seed, image_dir=cfg.image_dir, skip_bad=cfg.skip_bad,
-                                              task=recipe.get("task"))
+                                              pad_square=recipe.get("pad_square", mc.pad_square), max_len=cfg.max_len,
+                                              split=split, n=n, seed=cfg.seed, image_dir=cfg.image_dir,
+                                              skip_bad=cfg.skip_bad, task=recipe.get("task"),
+                                              center_crop=recipe.get("center_crop", False))  # a stage's image fit
     train_set, val_set = make("train", cfg.n_train), make("val", cfg.n_val)
     if cfg.batch_size * cfg.grad_accum > len(train_set):
         raise ValueError(f"a global batch of {cfg.batch_size * cfg.grad_accum} samples is larger than the "
