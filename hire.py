@@ -61,7 +61,7 @@ class HIREConfig:
             "paper": lambda: HIREConfig(),  # CLIP-L/336 + Vicuna-7B-v1.5, I at 672 (Table 3)
             "paper-1008": lambda: HIREConfig(image_size=1008),  # Table 1's 1008 row
             "qwen": lambda: HIREConfig(llm=qwen7b),
-            # spec.md's shared tiny sizes: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
+            # the tiny sizes every model shares: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
             # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
             # 1 px of 128), half-width UNet and keys (0.05 M), and 4 JBU layers, not 5, taking E(i) (8 x 8) to
             # 128 = the input size, as Eq. (1) says ("up to the original image size"). With the paper's shape

@@ -160,7 +160,7 @@ class DenseCrossAttentionBlock(nn.Module):
 class Pheye(nn.Module):
     """The whole model: vit (frozen, adapters "global" and "local"), norm_global / norm_local, pos_embed, xattn
     (blocks keyed by the decoder layer they precede) and llm (frozen). forward / generate / configure_stage /
-    from_pretrained / save / load follow the contract every nanoHiRes model shares (spec.md)."""
+    from_pretrained / save / load follow the contract every nanoHiRes model shares (train.py calls them)."""
 
     # Sec. 3.1: three stages train the same parameters (cross-attention, LoRA, positional embeddings, the two
     # LayerNorms) on different data, cosine decay, effective batch 128. Loss: summed over output tokens, and

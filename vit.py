@@ -38,7 +38,7 @@ class ViTConfig:
             # (pretrained="dfn5b"): quick_gelu, unlike LAION-2B's ViT-H-14 (exact gelu; a directory load reads
             # the file's hidden_act either way)
             "clip-vit-h-14": ViTConfig(image_size=224, width=1280, layers=32, heads=16, mlp_dim=5120),
-            # shared by every tiny model so the miniature benchmark is fair (see spec.md)
+            # shared by every tiny model so the miniature benchmark is fair (bench/miniature.py)
             "tiny": ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
         }
         if name not in presets:
