@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from llm import IGNORE, IMAGE_ID  # the prompt's image slot and the unsupervised label, which the models define
+
 log = logging.getLogger("nanohires.data")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<image>"
-IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX: one position the model expands into its image tokens
-IGNORE = -100     # label of every token that is not supervised
 MAX_PIXELS = 89_478_485   # PIL's own decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
 
 
@@ -263,32 +263,6 @@ def collate(batch, pad_id, left=False):
 
 def pad_id_of(tok):
     return next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
-
-
-def splice_image(idx, embed, image_embeds, labels=None, mask=None):
-    """LLaVA's splice: each row's single IMAGE_ID position becomes the N image tokens. embed maps ids to
-    (B, T, D) token embeddings; returns embeds (B, T-1+N, D), and labels / mask stretched to match (IGNORE and 1
-    on the image positions)."""
-    B, T = idx.shape
-    N = image_embeds.shape[1]
-    is_image = idx == IMAGE_ID
-    counts = is_image.sum(1)
-    for b in range(B):
-        if counts[b] != 1:
-            raise DataError(f"prompt {b} has {int(counts[b])} <image> placeholders; every row needs exactly one "
-                            f"IMAGE_ID ({IMAGE_ID})")
-    p = is_image.int().argmax(1, keepdim=True)  # (B, 1)
-    t = torch.arange(T - 1 + N, device=idx.device).expand(B, -1)  # output positions
-    # gather index into cat([text (T), image (N)]): text before p, the image tokens, then the rest of the text
-    src = torch.where(t < p, t, torch.where(t < p + N, T + t - p, t - N + 1))
-    text = embed(idx.masked_fill(is_image, 0))
-    both = torch.cat([text, image_embeds.to(text.dtype)], dim=1)
-    embeds = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
-    if labels is not None:
-        labels = torch.cat([labels, labels.new_full((B, N), IGNORE)], dim=1).gather(1, src)
-    if mask is not None:
-        mask = torch.cat([mask, mask.new_ones(B, N)], dim=1).gather(1, src)
-    return embeds, labels, mask
 
 
 def count_targets(labels):

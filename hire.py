@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 import data
 import vit as vitlib
-from llm import LLM, LLMConfig, next_token_loss
+from llm import LLM, LLMConfig, next_token_loss, splice_image
 from vit import ViT, ViTConfig
 
 
@@ -467,12 +467,12 @@ class HIRE(nn.Module):
         """(B, N, d_model) visual tokens (576 for CLIP-L/336)."""
         return self.projector(self.vision_features(pixels))
 
-    # --- the LLaVA splice (data.splice_image) and the LM ------------------------------------------------------
+    # --- the LLaVA splice (llm.splice_image) and the LM -------------------------------------------------------
     def forward(self, pixels, idx, labels=None, mask=None, reduction="mean"):
         """Logits (B, T-1+N, V), and the next-token loss over labels != IGNORE when labels are given."""
         if labels is not None and labels.shape != idx.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match idx {tuple(idx.shape)}")
-        embeds, labels, mask = data.splice_image(idx, self.llm.embed, self.encode_images(pixels), labels, mask)
+        embeds, labels, mask = splice_image(idx, self.llm.embed, self.encode_images(pixels), labels, mask)
         logits = self.llm(embeds=embeds, mask=mask)
         if labels is None:
             return logits
@@ -481,7 +481,7 @@ class HIRE(nn.Module):
     @torch.no_grad()
     def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):
         """(B, new) token ids; idx left-padded (mask 0 on padding) when prompts differ in length."""
-        embeds, _, mask = data.splice_image(idx, self.llm.embed, self.encode_images(pixels), mask=mask)
+        embeds, _, mask = splice_image(idx, self.llm.embed, self.encode_images(pixels), mask=mask)
         return self.llm.generate(embeds=embeds, mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                  eos_id=eos_id)
 

@@ -57,8 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-from data import splice_image
-from llm import LLM, LLMConfig, next_token_loss
+from llm import LLM, LLMConfig, next_token_loss, splice_image
 from vit import ViT, ViTConfig
 
 CHOICES = {

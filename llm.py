@@ -1,6 +1,7 @@
 """A decoder-only language model covering LLaMA-2/Vicuna, LLaMA-3, Qwen2, Phi-1.5 and GPT-2 with config switches,
-KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors only); and the tokenizers of
-those families (SentencePiece, tiktoken, byte-level BPE) behind one small Tokenizer class.
+KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors only); LLaVA's splice of image
+tokens into the prompt (splice_image); and the tokenizers of those families (SentencePiece, tiktoken, byte-level
+BPE) behind one small Tokenizer class.
 
     model = LLM.from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
     out = model.generate(idx, max_new_tokens=32)          # greedy; left-padded batches via mask=
@@ -276,11 +277,41 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX: one prompt position the model expands into its image tokens
+IGNORE = -100     # label of every token that is not supervised
+
+
 def next_token_loss(logits, labels, reduction="mean"):
-    """Cross-entropy of position t predicting labels[t+1] (labels aligned with the input, -100 skipped), in fp32.
-    reduction "sum" lets a training loop divide by the supervised tokens of a whole effective batch."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+    """Cross-entropy of position t predicting labels[t+1] (labels aligned with the input, IGNORE skipped), in
+    fp32. reduction "sum" lets a training loop divide by the supervised tokens of a whole effective batch."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
                            reduction=reduction)
+
+
+def splice_image(idx, embed, image_embeds, labels=None, mask=None):
+    """LLaVA's splice, the input side of HIRE's and INF-LLaVA's forward: each row's single IMAGE_ID position
+    becomes the N image tokens. embed maps ids to (B, T, D) token embeddings (LLM.embed); returns embeds
+    (B, T-1+N, D), and labels / mask stretched to match (IGNORE and 1 on the image positions)."""
+    B, T = idx.shape
+    N = image_embeds.shape[1]
+    is_image = idx == IMAGE_ID
+    counts = is_image.sum(1)
+    for b in range(B):
+        if counts[b] != 1:
+            raise ValueError(f"prompt {b} has {int(counts[b])} <image> placeholders; every row needs exactly one "
+                             f"IMAGE_ID ({IMAGE_ID})")
+    p = is_image.int().argmax(1, keepdim=True)  # (B, 1)
+    t = torch.arange(T - 1 + N, device=idx.device).expand(B, -1)  # output positions
+    # gather index into cat([text (T), image (N)]): text before p, the image tokens, then the rest of the text
+    src = torch.where(t < p, t, torch.where(t < p + N, T + t - p, t - N + 1))
+    text = embed(idx.masked_fill(is_image, 0))
+    both = torch.cat([text, image_embeds.to(text.dtype)], dim=1)
+    embeds = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
+    if labels is not None:
+        labels = torch.cat([labels, labels.new_full((B, N), IGNORE)], dim=1).gather(1, src)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(B, N)], dim=1).gather(1, src)
+    return embeds, labels, mask
 
 
 class LLM(nn.Module):

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import inf_llava as inf
-from data import IGNORE, IMAGE_ID, splice_image
+from data import IGNORE, IMAGE_ID
 from inf_llava import INFLLaVA, INFLLaVAConfig, crop_global, crop_local, merge_global, merge_local
+from llm import splice_image
 
 
 def tiny(**kw):
