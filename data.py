@@ -1,7 +1,8 @@
 """
 Data for nanoHiRes: images, conversations, chat templates, datasets, and the synthetic fine-detail set.
 
-    images         load_image: EXIF orientation, any PIL mode to RGB, LLaVA's pad-to-square, resize, CLIP norm
+    images         load_image: EXIF orientation, any PIL mode to RGB, LLaVA's pad-to-square or CLIP's centre
+                   crop, resize, CLIP norm
     conversations  tokenize_conversation: vicuna_v1 (LLaVA-1.5, HIRE), llama3 (INF-LLaVA), pheye, plain;
                    labels supervise only the assistant's answers and their end-of-turn token
     datasets       LlavaJsonDataset (LLaVA JSON + image folder), SyntheticDataset (rendered on the fly), collate
@@ -27,6 +28,7 @@ log = logging.getLogger("nanohires.data")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN_RGB = tuple(int(255 * m) for m in CLIP_MEAN)  # LLaVA's pad colour, int(x * 255): (122, 116, 104)
 IMAGE_TOKEN = "<image>"
 MAX_PIXELS = 89_478_485   # PIL's own decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
 
@@ -46,7 +48,7 @@ def _to_rgb(im, name):
     if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
-        back = Image.new("RGBA", im.size, tuple(round(255 * m) for m in CLIP_MEAN) + (255,))
+        back = Image.new("RGBA", im.size, MEAN_RGB + (255,))
         im = Image.alpha_composite(back, im)
     if im.mode != "RGB":
         try:
@@ -102,7 +104,7 @@ def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS, center_crop
     or neither: a plain aspect-changing resize (Pheye)."""
     im = open_image(path_or_pil, max_pixels)
     if pad_square:
-        im = expand2square(im, tuple(int(255 * m) for m in CLIP_MEAN))  # LLaVA: int(x * 255), i.e. (122, 116, 104)
+        im = expand2square(im, MEAN_RGB)
     elif center_crop and im.width != im.height:
         w, h = im.size  # as CLIPImageProcessor: the long side int(size * long / short), the crop's corner floored
         w, h = (size, int(size * h / w)) if w < h else (int(size * w / h), size)

@@ -166,7 +166,7 @@ def norm(rgb):
 
 
 def test_image_modes_to_rgb():
-    mean = tuple(round(255 * m) for m in data.CLIP_MEAN)
+    mean = (122, 116, 104)  # LLaVA's pad colour, tuple(int(x * 255) for x in image_mean)
     cases = {   # image -> the RGB its (0, 0) pixel must become
         "L": (Image.new("L", (4, 4), 77), (77, 77, 77)),
         "RGBA opaque": (Image.new("RGBA", (4, 4), (10, 200, 30, 255)), (10, 200, 30)),
