@@ -191,8 +191,10 @@ def pheye_eq4(N_T, N_I, D, D_vit, I):
 
 def dense_cross_attention(T, N_I, d, d_vit, ffn_mult=4):
     """One Pheye dense cross-attention block (Fig. 2): q, o on the T text tokens, k, v straight from the ViT width
-    on the N_I image tokens, attention T x N_I, then a 4x feed-forward. Two LayerNorms (fvcore: 5/element)."""
-    return (linear(T, d, d) * 2 + linear(N_I, d_vit, d) * 2 + attention(T, N_I, d)
+    on the N_I image tokens, attention T x N_I at the release's inner width max(d, d_vit), then a 4x
+    feed-forward. Two LayerNorms (fvcore: 5/element)."""
+    inner = max(d, d_vit)
+    return (linear(T, d, inner) + linear(T, inner, d) + linear(N_I, d_vit, inner) * 2 + attention(T, N_I, inner)
             + linear(T, d, ffn_mult * d) + linear(T, ffn_mult * d, d) + layer_norm(T, d, count=2))
 
 

@@ -52,13 +52,16 @@ class PheyeConfig:
     local_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # Cross-attention heads (release xattn.py): inner width max(D_LM, D_ViT), in heads of this size. The release
+    # fixes 64 (Phi-1.5 + ViT-H: 2048 / 64 = 32 heads); the tiny preset takes 32 (128 / 32 = 4 heads).
+    xattn_head_dim: int = 64
 
     @staticmethod
     def preset(name: str) -> "PheyeConfig":
         """Presets: "tiny" (CPU, minutes) and "paper-x{I}-{448|672}", Pheye-xI at that resolution (Table 1)."""
         if name == "tiny":  # shared tiny ViT (64 px) and LM; 128 px = 2 x 2 tiles of 64
             return PheyeConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"),
-                               image_size=128, tiles=2, interval=2)
+                               image_size=128, tiles=2, interval=2, xattn_head_dim=32)
         papers = {f"paper-x{I}-{S}": (I, S) for I in (4, 2) for S in (448, 672)}
         if name not in papers:
             raise ValueError(f"unknown Pheye preset {name!r}; choose from {['tiny', *papers]}")
@@ -78,8 +81,10 @@ def check_config(c: PheyeConfig):
                          f"({c.vit.image_size}) = {c.tiles * c.vit.image_size}")
     if not 1 <= c.interval <= c.llm.n_layer:
         raise ValueError(f"interval {c.interval} must be in 1..{c.llm.n_layer} (the LM's layer count)")
-    if c.llm.d_model % c.llm.n_head:
-        raise ValueError(f"LM width {c.llm.d_model} is not divisible by its {c.llm.n_head} heads")
+    inner = max(c.llm.d_model, c.vit.width)
+    if c.xattn_head_dim < 1 or inner % c.xattn_head_dim:
+        raise ValueError(f"cross-attention width max(LM {c.llm.d_model}, ViT {c.vit.width}) = {inner} is not "
+                         f"divisible by xattn_head_dim {c.xattn_head_dim}")
 
 
 def cross_attention_layers(n_layer: int, interval: int) -> list[int]:
@@ -104,17 +109,19 @@ def split_tiles(pixels: torch.Tensor, n: int) -> torch.Tensor:
 
 class CrossAttention(nn.Module):
     """Text queries attend to every vision token (no mask: each text token sees the whole image). Keys and values
-    are projected straight from the ViT width to the LM width; the inner width is the LM's (App. B.1), with the
-    LM's head count (Phi-1.5: 32 heads of 64, as the release's max(D, D_ViT) / 64)."""
+    are projected straight from the ViT width. The inner width is the release's (xattn.py): max(D, D_ViT), split
+    into heads of head_dim = 64, so max(D, D_ViT) / 64 heads (Phi-1.5 + ViT-H: 2048 wide, 32 heads, which is also
+    Phi-1.5's own width and head count); the output projection returns to the LM width D."""
 
-    def __init__(self, d_model: int, d_vision: int, n_head: int):
+    def __init__(self, d_model: int, d_vision: int, head_dim: int):
         super().__init__()
-        self.n_head = n_head
+        inner = max(d_model, d_vision)
+        self.n_head = inner // head_dim
         self.norm = nn.LayerNorm(d_model)
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_vision, d_model)
-        self.v_proj = nn.Linear(d_vision, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = nn.Linear(d_model, inner)
+        self.k_proj = nn.Linear(d_vision, inner)
+        self.v_proj = nn.Linear(d_vision, inner)
+        self.out_proj = nn.Linear(inner, d_model)
 
     def keys_values(self, vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N_I, D_vit) -> keys, values (B, nh, N_I, hs). Computed once per image, reused at every step."""
@@ -124,19 +131,19 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        B, T, D = x.shape
+        B, T, _ = x.shape
         q = self.q_proj(self.norm(x)).view(B, T, self.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, *kv, is_causal=False)                # (B, nh, T, hs)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class DenseCrossAttentionBlock(nn.Module):
     """x + CrossAttn(LN(x), image), then x + FFN(LN(x)) with a 4x GELU FFN. No tanh gate: the paper found that
     Flamingo's gating hindered convergence (Sec. 2.1)."""
 
-    def __init__(self, d_model: int, d_vision: int, n_head: int, lm_layers: int):
+    def __init__(self, d_model: int, d_vision: int, head_dim: int, lm_layers: int):
         super().__init__()
-        self.attn = CrossAttention(d_model, d_vision, n_head)
+        self.attn = CrossAttention(d_model, d_vision, head_dim)
         self.ff_norm = nn.LayerNorm(d_model)
         self.fc1 = nn.Linear(d_model, 4 * d_model)
         self.fc2 = nn.Linear(4 * d_model, d_model)
@@ -197,7 +204,7 @@ class Pheye(nn.Module):
         # of that sub-image's tokens.
         self.pos_embed = nn.Embedding(1 + c.tiles ** 2, d_vit)
         nn.init.normal_(self.pos_embed.weight, std=0.02)
-        self.xattn = nn.ModuleDict({str(i): DenseCrossAttentionBlock(d_lm, d_vit, c.llm.n_head, c.llm.n_layer)
+        self.xattn = nn.ModuleDict({str(i): DenseCrossAttentionBlock(d_lm, d_vit, c.xattn_head_dim, c.llm.n_layer)
                                     for i in cross_attention_layers(c.llm.n_layer, c.interval)})
 
     # --- vision ---------------------------------------------------------------------------------------------

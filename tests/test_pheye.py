@@ -149,6 +149,32 @@ def test_block_count_and_placement(interval, layers):
     assert cross_attention_layers(24, 5) == [4, 9, 14, 19]
 
 
+def test_cross_attention_width_follows_the_release():
+    """Release xattn.py: inner width max(D_LM, D_ViT), heads of 64. The paper presets get its shapes (Phi-1.5 2048
+    + ViT-H 1280: 32 heads of 64); a ViT wider than the LM builds and runs (it could not when the LM's width was
+    the inner width); a width the head size does not divide is refused by name."""
+    for name in ("paper-x4-448", "paper-x2-672"):
+        with torch.device("meta"):
+            block = next(iter(Pheye(PheyeConfig.preset(name)).xattn.values()))
+        assert block.attn.n_head == 32
+        shapes = {n: tuple(p.shape) for n, p in block.named_parameters()}
+        assert shapes["attn.q_proj.weight"] == (2048, 2048) and shapes["attn.k_proj.weight"] == (2048, 1280)
+        assert shapes["attn.out_proj.weight"] == (2048, 2048) and shapes["fc1.weight"] == (8192, 2048)
+    model = tiny(**{"vit.width": 192, "vit.mlp_dim": 384})  # D_ViT 192 > D_LM 128; head 32 -> 6 heads
+    block = model.xattn["1"]
+    assert block.attn.n_head == 6
+    assert block.attn.q_proj.weight.shape == (192, 128) and block.attn.k_proj.weight.shape == (192, 192)
+    assert block.attn.out_proj.weight.shape == (128, 192)
+    wake_cross_attention(model)
+    with torch.no_grad():
+        logits = model(pixels(), text())
+        assert logits.shape == (2, 10, 512) and torch.isfinite(logits).all()
+        assert (logits - model.llm(text())).abs().max() > 1e-3  # the image does reach the logits
+    assert model.xattn["1"].attn.n_head == 6
+    with pytest.raises(ValueError, match="max\\(LM 128, ViT 192\\) = 192 is not divisible by xattn_head_dim 40"):
+        tiny(**{"vit.width": 192, "vit.mlp_dim": 384, "xattn_head_dim": 40})
+
+
 def test_cross_attention_init():
     model = tiny()
     out_std = 0.01 / (2 * 36) ** 0.5  # release: 0.01 / sqrt(2 max(n_layers, 36)), tiny LM has 4 layers
