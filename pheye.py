@@ -39,7 +39,8 @@ class PheyeConfig:
     image_size: int               # side of the square high-res image forward() takes: tiles * vit.image_size
     tiles: int = 2                # local tiles per side: 2 -> 448 px (P = 5 sub-images), 3 -> 672 px (P = 10)
     interval: int = 4             # I: a cross-attention block before decoder layer i when (i+1) % I == 0
-    local: bool = True            # False: the global view alone, no tiles (the ablation behind Table 2's claim)
+    local: bool = True            # False: the global view alone, no tiles (the ablation behind Table 2's claim),
+                                  # read as the release's level 1: a LayerNorm connector, no position embeddings
     pad_square: bool = False      # release: images are resized (squashed) to a square, never padded
     template: str = "pheye"       # release prompt: system prompt, then "Instruction: {q}\nOutput:"
     vit_path: str | None = None   # HF directory of the CLIP ViT (paper: CLIP-ViT-H/14 trained on DFN-5B)
@@ -51,6 +52,13 @@ class PheyeConfig:
     local_rank: int = 16
     local_alpha: float = 32.0
     lora_dropout: float = 0.05
+    # The global view's adapter. "train": the paper's two trained adapters (Sec. 2.1, App. B.2). The release trains
+    # only the local one: its global view runs the bare ViT unless config.json sets first_level, and even then
+    # peft's set_adapter("second") switches off the gradients of adapter "first" before the backward pass, so it
+    # stays at its initialisation (B = 0, which adds nothing). "frozen": the adapter exists and runs, never
+    # trains (release, first_level); "none": no global adapter (release default). Trainable parameters,
+    # Pheye-x4 / x2: 301.0 M / 584.3 M with "train", 295 M / 578 M otherwise (the release README's figures).
+    global_lora: str = "train"
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     # Cross-attention heads (release xattn.py): inner width max(D_LM, D_ViT), in heads of this size. The release
     # fixes 64 (Phi-1.5 + ViT-H: 2048 / 64 = 32 heads); the tiny preset takes 32 (128 / 32 = 4 heads).
@@ -79,6 +87,8 @@ def check_config(c: PheyeConfig):
     if c.tiles < 1 or c.image_size != c.tiles * c.vit.image_size:
         raise ValueError(f"image_size {c.image_size} must equal tiles ({c.tiles}) x vit.image_size "
                          f"({c.vit.image_size}) = {c.tiles * c.vit.image_size}")
+    if c.global_lora not in ("train", "frozen", "none"):
+        raise ValueError(f"global_lora {c.global_lora!r}: choose 'train' (paper), 'frozen' or 'none' (release)")
     if not 1 <= c.interval <= c.llm.n_layer:
         raise ValueError(f"interval {c.interval} must be in 1..{c.llm.n_layer} (the LM's layer count)")
     inner = max(c.llm.d_model, c.vit.width)
@@ -165,8 +175,9 @@ class DenseCrossAttentionBlock(nn.Module):
 # The model
 
 class Pheye(nn.Module):
-    """The whole model: vit (frozen, adapters "global" and "local"), norm_global / norm_local, pos_embed, xattn
-    (blocks keyed by the decoder layer they precede) and llm (frozen). forward / generate / configure_stage /
+    """The whole model: vit (frozen, adapters "global" and "local"), norm_global / norm_local, pos_embed (the
+    global-only model: norm_global and a LayerNorm connector), xattn (blocks keyed by the decoder layer they
+    precede) and llm (frozen). forward / generate / configure_stage /
     from_pretrained / save / load follow the contract every nanoHiRes model shares (spec.md)."""
 
     # Sec. 3.1: three stages train the same parameters (cross-attention, LoRA, positional embeddings, the two
@@ -194,16 +205,21 @@ class Pheye(nn.Module):
         self.llm = llm if llm is not None else LLM(c.llm)
         self.llm.requires_grad_(False)  # frozen, input embeddings included (release)
         self.vit.requires_grad_(False)  # frozen base; add_lora below makes the adapters
-        add_lora(self.vit, c.lora_targets, "global", c.global_rank, c.global_alpha, c.lora_dropout)
-        add_lora(self.vit, c.lora_targets, "local", c.local_rank, c.local_alpha, c.lora_dropout)
+        if c.global_lora != "none":
+            add_lora(self.vit, c.lora_targets, "global", c.global_rank, c.global_alpha, c.lora_dropout)
+        if c.local:
+            add_lora(self.vit, c.lora_targets, "local", c.local_rank, c.local_alpha, c.lora_dropout)
 
         d_vit, d_lm = c.vit.width, c.llm.d_model
         self.norm_global = nn.LayerNorm(d_vit)  # Sec. 2.1: separate LayerNorms for global and local tokens
-        self.norm_local = nn.LayerNorm(d_vit)
-        # Fig. 3, release: one learned embedding per sub-image (row 0 global view, row k tile k), shared by all
-        # of that sub-image's tokens.
-        self.pos_embed = nn.Embedding(1 + c.tiles ** 2, d_vit)
-        nn.init.normal_(self.pos_embed.weight, std=0.02)
+        if c.local:
+            self.norm_local = nn.LayerNorm(d_vit)
+            # Fig. 3, release: one learned embedding per sub-image (row 0 global view, row k tile k), shared by
+            # all of that sub-image's tokens.
+            self.pos_embed = nn.Embedding(1 + c.tiles ** 2, d_vit)
+            nn.init.normal_(self.pos_embed.weight, std=0.02)
+        else:  # release level 1: one sub-image, so no positions; a second LayerNorm as the connector instead
+            self.connector = nn.LayerNorm(d_vit)
         self.xattn = nn.ModuleDict({str(i): DenseCrossAttentionBlock(d_lm, d_vit, c.xattn_head_dim, c.llm.n_layer)
                                     for i in cross_attention_layers(c.llm.n_layer, c.interval)})
 
@@ -217,9 +233,10 @@ class Pheye(nn.Module):
         # the global view: the image resized to the ViT size (bicubic, antialiased like PIL). The release resizes
         # the original image; here it is the S x S one forward() receives, so one tensor feeds both views.
         global_view = F.interpolate(pixels, size=(s, s), mode="bicubic", align_corners=False, antialias=True)
-        g = self.norm_global(self.vit(global_view, adapter="global"))           # (B, N', D_vit), last layer
-        if not self.config.local:  # global-only ablation: P = 1
-            return g + self.pos_embed.weight[0]
+        adapter = None if self.config.global_lora == "none" else "global"
+        g = self.norm_global(self.vit(global_view, adapter=adapter))            # (B, N', D_vit), last layer
+        if not self.config.local:  # global-only ablation, the release's level 1: P = 1
+            return self.connector(g)
         t = self.norm_local(self.vit(split_tiles(pixels, n), adapter="local"))  # (B*n*n, N', D_vit), one call
         tokens = torch.cat([g, t.reshape(B, -1, t.shape[-1])], dim=1)           # (B, P*N', D_vit)
         sub_image = torch.arange(1 + n * n, device=pixels.device).repeat_interleave(g.shape[1])  # 0..0,1..1,...
@@ -277,20 +294,25 @@ class Pheye(nn.Module):
     # --- training -------------------------------------------------------------------------------------------
 
     def configure_stage(self, stage: str) -> list[dict]:
-        """Freeze everything, unfreeze what Pheye trains (the same groups in every stage), return param groups.
-        Global-only (local=False): the local adapter and LayerNorm, which never run, stay frozen."""
+        """Freeze everything, unfreeze what Pheye trains (the same groups in every stage), return the non-empty
+        param groups: cross_attn, lora, pos_embed (global-only: connector), norms. The global adapter trains only
+        with global_lora="train"."""
         if stage not in self.STAGES:
             raise ValueError(f"unknown Pheye stage {stage!r}; choose from {list(self.STAGES)}")
-        lr, local = self.STAGES[stage]["lr"], self.config.local
-        groups = {"cross_attn": list(self.xattn.parameters()),
-                  "lora": lora_parameters(self.vit, None if local else "global"),
-                  "pos_embed": list(self.pos_embed.parameters()),
-                  "norms": [*self.norm_global.parameters(), *(self.norm_local.parameters() if local else [])]}
+        c, lr = self.config, self.STAGES[stage]["lr"]
+        lora = [p for name in (["global"] if c.global_lora == "train" else []) + (["local"] if c.local else [])
+                for p in lora_parameters(self.vit, name)]
+        groups = {"cross_attn": list(self.xattn.parameters()), "lora": lora}
+        if c.local:
+            groups |= {"pos_embed": list(self.pos_embed.parameters()),
+                       "norms": [*self.norm_global.parameters(), *self.norm_local.parameters()]}
+        else:
+            groups |= {"connector": list(self.connector.parameters()), "norms": list(self.norm_global.parameters())}
         self.requires_grad_(False)
         for params in groups.values():
             for p in params:
                 p.requires_grad_(True)
-        return [{"name": name, "params": params, "lr": lr} for name, params in groups.items()]
+        return [{"name": name, "params": params, "lr": lr} for name, params in groups.items() if params]
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 

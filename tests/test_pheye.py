@@ -105,27 +105,59 @@ def test_tokens_of_sub_image_k_get_row_k():
     torch.testing.assert_close(added, rows[None, :, None].expand_as(added), atol=1e-5, rtol=0)
 
 
-def test_global_only_reads_the_global_view_alone():
-    """local=False (the no-tiles ablation): the vision tokens are exactly the full model's global-view tokens, the
-    tiles never go through the ViT, and the parts that never run (local adapter, local LayerNorm) stay frozen."""
+def test_global_only_is_the_releases_level_1():
+    """local=False (the no-tiles ablation) is the release's level 1 (encoder.py): the global view through the ViT,
+    norm_lvl_1, then a LayerNorm connector, no position embeddings, no local adapter or LayerNorm at all. The
+    tiles never go through the ViT."""
     full, glob = tiny(), tiny(local=False)
-    glob.load_state_dict(full.state_dict())
-    px = pixels()
+    assert not hasattr(glob, "pos_embed") and not hasattr(glob, "norm_local")
+    assert lora_parameters(glob.vit, "local") == []
+    own = glob.state_dict()
+    glob.load_state_dict({k: v for k, v in full.state_dict().items() if k in own} | {
+        k: own[k] for k in ("connector.weight", "connector.bias")})
     with torch.no_grad():
-        torch.testing.assert_close(glob.encode_image(px), full.encode_image(px)[:, :N_SUB], atol=0, rtol=0)
+        glob.connector.weight.copy_(1 + 0.5 * torch.randn(128))
+        glob.connector.bias.copy_(torch.randn(128))
+        px = pixels()
+        g = full.encode_image(px)[:, :N_SUB] - full.pos_embed.weight[0]  # the full model's normed global tokens
+        want = F.layer_norm(g, (128,), glob.connector.weight, glob.connector.bias)
+        torch.testing.assert_close(glob.encode_image(px), want, atol=1e-5, rtol=0)
+        assert (want - g).abs().max() > 0.5  # the connector does change them
         calls = []
         hook = glob.vit.register_forward_pre_hook(lambda m, args, kw: calls.append((args[0].shape, kw["adapter"])),
                                                   with_kwargs=True)
         glob.encode_image(px)
         hook.remove()
     assert calls == [((2, 3, 64, 64), "global")]  # one ViT call, on the global view: the tiles never run
-    groups = glob.configure_stage("stage3")
-    trained = {id(p) for g in groups for p in g["params"]}
-    assert not trained & {id(p) for p in lora_parameters(glob.vit, "local")}
-    assert not trained & {id(p) for p in glob.norm_local.parameters()}
+    groups = {g["name"]: g["params"] for g in glob.configure_stage("stage3")}
+    assert list(groups) == ["cross_attn", "lora", "connector", "norms"]
     n = lambda m: sum(p.numel() for g in m.configure_stage("stage3") for p in g["params"])
-    local = sum(p.numel() for p in lora_parameters(full.vit, "local")) + 2 * 128
-    assert n(full) - n(glob) == local
+    local = sum(p.numel() for p in lora_parameters(full.vit, "local"))
+    assert n(full) - n(glob) == local + 5 * 128  # the local adapter and the 5 position rows (LayerNorms: 2 each)
+
+
+@pytest.mark.parametrize("mode", ["train", "frozen", "none"])
+def test_global_adapter_modes(mode):
+    """global_lora: "train" (paper), "frozen" (release with first_level: adapter "first" runs but peft never lets
+    it train), "none" (release default: the global view runs the bare ViT)."""
+    model, px, idx = tiny(global_lora=mode), pixels(), text()
+    global_params = lora_parameters(model.vit, "global")
+    assert bool(global_params) == (mode != "none")
+    groups = model.configure_stage("stage1")
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert all((id(p) in trained) == (mode == "train") for p in global_params)
+    with torch.no_grad():
+        for p in global_params:
+            p.add_(0.05 * torch.randn_like(p))  # B leaves zero: the adapter now does something
+        view = F.interpolate(px, size=(64, 64), mode="bicubic", align_corners=False, antialias=True)
+        bare = model.norm_global(model.vit(view)) + model.pos_embed.weight[0]
+        g = model.encode_image(px)[:, :N_SUB]
+        assert ((g - bare).abs().max() == 0) == (mode == "none")  # the adapter runs unless there is none
+    before = [p.detach().clone() for p in global_params]
+    labels = idx.clone()
+    model(px, idx, labels)[1].backward()
+    torch.optim.AdamW(groups).step()
+    assert all(torch.equal(p, b) != (mode == "train") for p, b in zip(global_params, before))
 
 
 # ----------------------------------------------------------------------------- dense cross-attention
@@ -219,15 +251,21 @@ def test_stages_and_groups():
 
 
 def test_paper_trainable_parameters_match_the_release():
-    # The release README lists 295M (Pheye-x4) and 578M (Pheye-x2) trainable parameters: cross-attention +
-    # the local LoRA (rank 16) + positions + LayerNorms. Our two-adapter model adds the global LoRA (rank 8).
-    for name, millions in (("paper-x4-448", 295), ("paper-x2-672", 578)):
-        with torch.device("meta"):
-            model = Pheye(PheyeConfig.preset(name))
-        counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in model.configure_stage("stage1")}
-        local = sum(p.numel() for p in lora_parameters(model.vit, "local"))
-        release = counts["cross_attn"] + local + counts["pos_embed"] + counts["norms"]
-        assert round(release / 1e6) == millions, (name, release)
+    # The release README lists 295M (Pheye-x4) and 578M (Pheye-x2) trainable parameters: cross-attention + the
+    # local LoRA (rank 16) + positions + LayerNorms, which is what global_lora "frozen" or "none" trains. The
+    # paper's two trained adapters (the presets' default, "train") add the global LoRA (rank 8): 301.0M / 584.3M.
+    for name, release, ours in (("paper-x4-448", 295, 301.0), ("paper-x2-672", 578, 584.3)):
+        assert PheyeConfig.preset(name).global_lora == "train"
+        for mode in ("train", "frozen", "none"):
+            config = PheyeConfig.preset(name)
+            config.global_lora = mode
+            with torch.device("meta"):
+                model = Pheye(config)
+            n = sum(p.numel() for g in model.configure_stage("stage1") for p in g["params"])
+            if mode == "train":
+                assert round(n / 1e6, 1) == ours, (name, n)
+            else:
+                assert round(n / 1e6) == release, (name, mode, n)
 
 
 def test_only_trainable_groups_change_after_a_step():
