@@ -305,7 +305,7 @@ def llava_questions(cfg):
         if missing:
             raise ValueError(f"{cfg.questions}: question {k} has no {', '.join(sorted(missing))}")
     return [{"question_id": r["question_id"], "image": os.path.join(cfg.images, r["image"]), "text": r["text"],
-             "group": r.get("category")} for r in rows]
+             "group": r.get("category"), "area": r.get("area")} for r in rows]  # area: optional, for tertiles
 
 
 def lookup(table, key, sample, what):
@@ -383,13 +383,15 @@ def read_pope(cfg):
     """POPE: LLaVA's llava_pope_test.jsonl (a "category" per question) + POPE's coco_pope_<category>.json label
     files, paired in order within a category as LLaVA's eval_pope.py does (checked on the question text)."""
     samples = llava_questions(cfg)
+    if any(s["group"] is None for s in samples):
+        raise ValueError(f"{cfg.questions}: POPE questions need a 'category' (random, popular or adversarial)")
     for cat in sorted({s["group"] for s in samples}):
         mine = [s for s in samples if s["group"] == cat]
         labels = _read_lines(os.path.join(cfg.annotations, f"coco_pope_{cat}.json"))
         if len(labels) != len(mine):
             raise ValueError(f"POPE {cat}: {len(mine)} questions but {len(labels)} labels")
         for s, lab in zip(mine, labels):
-            if question_of(s["text"]) != lab["text"].strip():
+            if " ".join(question_of(s["text"]).lower().split()) != " ".join(lab["text"].lower().split()):
                 raise ValueError(f"POPE {cat}: question {s['question_id']!r} reads {question_of(s['text'])!r} "
                                  f"but its label line is for {lab['text']!r}")
             s["truth"] = lab["label"] == "yes"
@@ -420,6 +422,9 @@ def read_sqa(cfg):
     return samples
 
 
+YES_NO = "Please answer yes or no."
+
+
 def read_mme(cfg):
     """MME: LLaVA's llava_mme.jsonl + the MME_Benchmark_release_version folder, whose <category>/[questions_
     answers_YN/]<image>.txt files hold "question<TAB>answer" lines."""
@@ -433,8 +438,13 @@ def read_mme(cfg):
             raise FileNotFoundError(f"MME: no ground truth {cat}/{name} for question {s['question_id']!r} "
                                     f"under {cfg.annotations}")
         with open(path) as f:
-            table = dict(line.rstrip("\n").split("\t") for line in f if line.strip())
-        s["group"], s["truth"] = cat, lookup(table, question_of(s["text"]), s, path).strip()
+            table = dict(line.strip().split("\t") for line in f if line.strip())
+        # LLaVA's file replaced MME's "Please answer yes or no." by its short-answer line; its
+        # convert_answer_to_mme.py puts it back (with the two blanks some of MME's files have) to find the truth
+        q = question_of(s["text"])
+        keys = [q] if q.endswith(YES_NO) else [f"{q} {YES_NO}", f"{q}  {YES_NO}"]
+        key = next((k for k in keys if k in table), keys[0])
+        s["group"], s["truth"] = cat, lookup(table, key, s, path).strip()
     return samples
 
 

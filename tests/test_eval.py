@@ -221,9 +221,11 @@ def fixtures(root, bench):
     if bench == "mme":  # two questions per image; MME's <category>/<image>.txt ground truth files
         qa = [("existence", 0, "Is there a dog?", "Yes"), ("existence", 0, "Is there a cat?", "No"),
               ("OCR", 1, "Is the word STOP?", "Yes"), ("OCR", 1, "Is the word GO?", "No")]
+        yes_no = {"existence": " Please answer yes or no.", "OCR": "  Please answer yes or no."}  # as MME's files
         for cat, i in {(c, i) for c, i, _, _ in qa}:
-            (d / cat).mkdir(exist_ok=True)
-            (d / cat / f"test-{i:06d}.txt").write_text("".join(f"{qq}\t{a}\n" for c, k, qq, a in qa if (c, k) == (cat, i)))
+            (d / cat / "questions_answers_YN").mkdir(parents=True, exist_ok=True)
+            where = d / cat / ("questions_answers_YN" if cat == "OCR" else "") / f"test-{i:06d}.txt"
+            where.write_text("".join(f"{qq}{yes_no[c]}\t{a}\n" for c, k, qq, a in qa if (c, k) == (cat, i)))
         rows = [dict(question_id=f"{cat}/test-{i:06d}.png", image=IMAGES[i], category=cat, text=f"{qq}\n{ev.SHORT}")
                 for cat, i, qq, _ in qa]
         opts = [f"--questions={write_jsonl(d / 'q.jsonl', rows)}", f"--annotations={d}"]
@@ -360,3 +362,29 @@ def test_batched_generation_equals_one_at_a_time(name):
     net16 = net.to(torch.bfloat16)
     out = list(ev.generate_answers(net16, tok, ds, eos, batch_size=5, max_new_tokens=4))
     assert len(out[0][1]) == 5
+
+
+def test_pheye_checkpoint_is_asked_in_its_own_prompt(ckpt, monkeypatch):
+    """A Pheye checkpoint answers in Pheye's template; --suffix=none and --ocr=False give the bare question."""
+    import shutil
+
+    import pheye
+    config = pheye.PheyeConfig.preset("tiny")
+    config.vit_path, config.llm_path = train.tiny_base()
+    out = ckpt / "pheye"
+    pheye.Pheye.from_pretrained(config).save(str(out))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(os.path.join(train.TINY_LM, name), out)
+    opts, said, _ = fixtures(ckpt, "textvqa")
+    tok = Tokenizer.from_pretrained(str(out))
+    prompts = []
+    answer = oracle(tok, said, [])
+    monkeypatch.setattr(pheye.Pheye, "generate", lambda self, px, idx, mask=None, **kw: prompts.extend(
+        tok.decode([t for t, m in zip(row, mk) if m]) for row, mk in zip(idx.tolist(), mask.tolist()))
+        or answer(self, px, idx, mask=mask, **kw))
+    got = ev.main(["--bench=textvqa", f"--ckpt={out}", "--model=pheye", "--suffix=none", "--ocr=False",
+                   f"--answers={ckpt / 'pheye.jsonl'}", "--num_workers=0", *opts])
+    assert got["accuracy"] == 65.0
+    assert prompts[0].endswith("Instruction: what brand?\nOutput:") and data.PHEYE_SYSTEM in prompts[0]
+    lines = [json.loads(line) for line in (ckpt / "pheye.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["what brand?", "what number?", "what word?", "what sign?"]
