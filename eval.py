@@ -270,7 +270,7 @@ def ocr_answer_area(answers, ocr_info):
 def by_tertile(scores, areas):
     """Mean score (%) in each third of the samples ordered by relative answer area (Pheye Table 2: bottom =
     the finest details); samples without an area are left out."""
-    known = sorted((a, s) for s, a in zip(scores, areas) if a is not None)
+    known = sorted(((a, s) for s, a in zip(scores, areas) if a is not None), key=lambda x: x[0])  # ties: in order
     cut = [round(len(known) * k / 3) for k in range(4)]
     return {name: 100 * mean(s for _, s in known[cut[k]:cut[k + 1]]) if cut[k + 1] > cut[k] else float("nan")
             for k, name in enumerate(("bottom", "middle", "top"))}

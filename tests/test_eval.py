@@ -116,6 +116,8 @@ def test_answer_area_and_tertiles():
     scores, areas = [1, 0, 1, 1, 0, 0, 1], [0.5, 0.1, 0.2, 0.4, 0.05, 0.3, None]
     # by area: 0.05 (0) 0.1 (0) | 0.2 (1) 0.3 (0) | 0.4 (1) 0.5 (1); the sample without an area is left out
     assert ev.by_tertile(scores, areas) == {"bottom": 0.0, "middle": 50.0, "top": 100.0}
+    # equal areas (the synthetic set has many) split in sample order, not by score
+    assert ev.by_tertile([1, 1, 0, 0, 0, 1], [0.1] * 6) == {"bottom": 100.0, "middle": 0.0, "top": 50.0}
 
 
 def test_prompt_suffix_and_ocr_switches():
