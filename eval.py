@@ -41,7 +41,8 @@ class EvalConfig:
     questions: str = ""           # LLaVA-1.5 question file (.jsonl; ScienceQA: its .json list)
     images: str = ""              # image folder the question file's "image" fields are relative to
     annotations: str = ""         # the benchmark's own ground truth (file, or folder for POPE and MME)
-    ocr_boxes: str = ""           # TextVQA's Rosetta OCR file: scores by tertile of answer area (Pheye Table 2)
+    areas: str = ""               # scores by tertile of answer area (Pheye Table 2) from TextVQA's Rosetta OCR
+                                  # file (textvqa) or COCO's instances_val2014.json (vqav2)
     answers: str = ""             # answers file; default out/eval/<checkpoint name>-<bench>.jsonl
     suffix: str = "llava"         # "llava": LLaVA-1.5's answer-format line; "none": the bare question; else this
     ocr: bool = True              # keep TextVQA's "Reference OCR token:" line (LLaVA-1.5); Pheye reads without
@@ -256,15 +257,15 @@ def exact_match(said, truth):
 
 
 # ----------------------------------------------------------------------------- answer area (Pheye Table 2)
-def ocr_answer_area(answers, ocr_info):
-    """Pheye Sec. 3.3: the OCR token with the highest mean similarity to the annotators' answers (difflib's
-    longest-contiguous-matching-subsequence ratio) is the answer's box; its area relative to the image (TextVQA's
-    Rosetta boxes are given in image fractions). None when the image has no OCR token."""
-    if not ocr_info:
+def answer_area(texts, candidates):
+    """Pheye Sec. 3.3: of the image's (name, relative area) candidates, the area of the one whose name has the
+    highest mean similarity to the texts (the annotators' answers), by difflib's longest-contiguous-matching-
+    subsequence ratio. None when there is no candidate. TextVQA: its OCR tokens and boxes; VQAv2: its COCO
+    objects' category names and segmentation areas, matched to the question for yes/no and number answers."""
+    if not candidates:
         return None
-    sim = lambda word: mean(SequenceMatcher(None, word.lower(), a.lower()).ratio() for a in answers)
-    box = max(ocr_info, key=lambda o: sim(o["word"]))["bounding_box"]
-    return box["width"] * box["height"]
+    sim = lambda name: mean(SequenceMatcher(None, name.lower(), t.lower()).ratio() for t in texts)
+    return max(candidates, key=lambda c: sim(c[0]))[1]
 
 
 def by_tertile(scores, areas):
@@ -316,32 +317,48 @@ def lookup(table, key, sample, what):
 
 def read_textvqa(cfg):
     """TextVQA val: LLaVA's llava_textvqa_val_v051_ocr.jsonl + TextVQA_0.5.1_val.json, matched as LLaVA's
-    eval_textvqa.py does, on (image id, lower-cased question); --ocr_boxes adds each answer's area."""
+    eval_textvqa.py does, on (image id, lower-cased question); --areas (the Rosetta OCR file, boxes in image
+    fractions) adds each answer's area."""
     samples = llava_questions(cfg)
     table = {}
     for a in read_json(cfg.annotations, "annotations")["data"]:
         for key in (a["image_id"], a["question_id"]):
             table[(str(key), a["question"].lower())] = a
     ocr = {}
-    if cfg.ocr_boxes:
-        ocr = {o["image_id"]: o.get("ocr_info", []) for o in read_json(cfg.ocr_boxes, "ocr_boxes")["data"]}
+    if cfg.areas:
+        ocr = {o["image_id"]: [(w["word"], w["bounding_box"]["width"] * w["bounding_box"]["height"])
+                               for w in o.get("ocr_info", [])] for o in read_json(cfg.areas, "areas")["data"]}
     for s in samples:
         a = lookup(table, (str(s["question_id"]), question_of(s["text"]).lower()), s, cfg.annotations)
         s["truth"] = a["answers"]
-        if cfg.ocr_boxes:
-            s["area"] = ocr_answer_area(a["answers"], ocr.get(a["image_id"], []))
+        if cfg.areas:
+            s["area"] = answer_area(a["answers"], ocr.get(a["image_id"], []))
     return samples
 
 
 def read_vqav2(cfg):
     """VQAv2: LLaVA's llava_vqav2_mscoco_*.jsonl; with --annotations (v2_mscoco_val2014_annotations.json) also
-    scored (test-dev has its answers on the EvalAI server only: upload the -upload.json file)."""
+    scored (test-dev has its answers on the EvalAI server only: upload the -upload.json file); --areas
+    (COCO's instances file) adds each answer's area."""
     samples = llava_questions(cfg)
     if cfg.annotations:
-        table = {a["question_id"]: [x["answer"] for x in a["answers"]]
-                 for a in read_json(cfg.annotations, "annotations")["annotations"]}
+        table = {a["question_id"]: a for a in read_json(cfg.annotations, "annotations")["annotations"]}
         for s in samples:
-            s["truth"] = lookup(table, s["question_id"], s, cfg.annotations)
+            a = lookup(table, s["question_id"], s, cfg.annotations)
+            s["truth"] = [x["answer"] for x in a["answers"]]
+            s["image_id"], s["answer_type"] = a["image_id"], a.get("answer_type")
+    if cfg.areas:
+        if not cfg.annotations:
+            raise ValueError("--areas for vqav2 needs --annotations (they give each question's image)")
+        coco = read_json(cfg.areas, "areas")
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        size = {im["id"]: im["width"] * im["height"] for im in coco["images"]}
+        objects = {}
+        for o in coco["annotations"]:
+            objects.setdefault(o["image_id"], []).append((names[o["category_id"]], o["area"] / size[o["image_id"]]))
+        for s in samples:  # yes/no and number answers name no object: the question is matched instead
+            texts = [question_of(s["text"])] if s["answer_type"] in ("yes/no", "number") else s["truth"]
+            s["area"] = answer_area(texts, objects.get(s["image_id"], []))
     return samples
 
 

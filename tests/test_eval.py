@@ -107,12 +107,10 @@ def test_mme_scores_accuracy_plus_acc_plus():
 
 
 def test_answer_area_and_tertiles():
-    ocr = [{"word": "STOP", "bounding_box": {"width": 0.1, "height": 0.2}},
-           {"word": "coca", "bounding_box": {"width": 0.5, "height": 0.5}},
-           {"word": "cola", "bounding_box": {"width": 0.3, "height": 0.1}}]
-    assert ev.ocr_answer_area(["stop"] * 9 + ["stops"], ocr) == pytest.approx(0.02)
-    assert ev.ocr_answer_area(["cola"], ocr) == pytest.approx(0.03)
-    assert ev.ocr_answer_area(["x"], []) is None
+    ocr = [("STOP", 0.02), ("coca", 0.25), ("cola", 0.03)]
+    assert ev.answer_area(["stop"] * 9 + ["stops"], ocr) == pytest.approx(0.02)
+    assert ev.answer_area(["cola"], ocr) == pytest.approx(0.03)
+    assert ev.answer_area(["x"], []) is None
     scores, areas = [1, 0, 1, 1, 0, 0, 1], [0.5, 0.1, 0.2, 0.4, 0.05, 0.3, None]
     # by area: 0.05 (0) 0.1 (0) | 0.2 (1) 0.3 (0) | 0.4 (1) 0.5 (1); the sample without an area is left out
     assert ev.by_tertile(scores, areas) == {"bottom": 0.0, "middle": 50.0, "top": 100.0}
@@ -162,24 +160,39 @@ def fixtures(root, bench):
                         for i, (qq, a) in enumerate(zip(qs, [["coca cola"] * 10, ["2"] * 10,
                                                              ["stop"] * 2 + ["go"] * 8, ["exit"] * 10]))]}
         (d / "ann.json").write_text(json.dumps(ann))
-        ocr = {"data": [{"image_id": f"img{i}", "ocr_info": [{"word": w, "bounding_box": {"width": a, "height": 1}}]}
-                        for i, (w, a) in enumerate([("coca", 0.4), ("2", 0.1), ("stop", 0.2), ("exit", 0.3)])]}
+        words = [[("coca", 0.4), ("pepsi", 0.05)], [("2", 0.1)], [("go", 0.9), ("stop", 0.2)], [("exit", 0.3)]]
+        ocr = {"data": [{"image_id": f"img{i}", "ocr_info": [
+            {"word": w, "bounding_box": {"width": a, "height": 1, "top_left_x": 0, "top_left_y": 0}} for w, a in ws]}
+            for i, ws in enumerate(words)]}
         (d / "ocr.json").write_text(json.dumps(ocr))
         texts = [f"{qq}\nReference OCR token: x\n{ev.SHORT}" for qq in qs]
         rows = [dict(question_id=f"img{i}", image=IMAGES[i], text=t) for i, t in enumerate(texts)]
         opts = [f"--questions={write_jsonl(d / 'q.jsonl', rows)}", f"--annotations={d / 'ann.json'}",
-                f"--ocr_boxes={d / 'ocr.json'}"]
+                f"--areas={d / 'ocr.json'}"]
         said = ["Coca Cola.", "two", "stop", "no idea"]  # 1, 1 (number word), 0.6, 0
-        # areas 0.4, 0.1, 0.2, 0.3 -> thirds of 4 (cuts at round(4/3), round(8/3)): [0.1] [0.2, 0.3] [0.4]
+        # areas, the best-matching word's (image 2: 8 of 10 say "go"): 0.4, 0.1, 0.9, 0.3; thirds of 4 (cuts at
+        # round(4/3), round(8/3)): [0.1: 1] [0.3: 0, 0.4: 1] [0.9: 0.6]
         return base + opts, said, {"accuracy": 65.0, "n": 4,
-                                   "by_area_tertile": {"bottom": 100.0, "middle": 30.0, "top": 100.0}}
+                                   "by_area_tertile": {"bottom": 100.0, "middle": 50.0, "top": 60.0}}
     if bench == "vqav2":
-        ann = {"annotations": [{"question_id": i, "answers": [{"answer": a}] * 10}
-                               for i, a in enumerate(["2", "yes", "red", "dog"])]}
+        kinds = [("2", "number"), ("yes", "yes/no"), ("red", "other"), ("dog", "other")]
+        ann = {"annotations": [{"question_id": i, "image_id": 100 + i, "answers": [{"answer": a}] * 10,
+                                "answer_type": kind} for i, (a, kind) in enumerate(kinds)]}
         (d / "ann.json").write_text(json.dumps(ann))
-        opts = [f"--questions={q(['how many?', 'is it?', 'what colour?', 'what animal?'])}",
-                f"--annotations={d / 'ann.json'}"]
-        return base + opts, ["Two", "Yes.", "blue", "the dog"], {"accuracy": 75.0, "n": 4}
+        # COCO objects (category, share of the 10 x 10 image); yes/no and number questions match the question
+        objects = [[("dog", 0.1), ("cat", 0.5)], [("person", 0.3)], [("car", 0.2), ("bed", 0.6)],
+                   [("dog", 0.05), ("frisbee", 0.01)]]
+        cats = sorted({c for objs in objects for c, _ in objs})
+        coco = {"images": [{"id": 100 + i, "width": 10, "height": 10} for i in range(4)],
+                "categories": [{"id": k, "name": c} for k, c in enumerate(cats)],
+                "annotations": [{"image_id": 100 + i, "category_id": cats.index(c), "area": 100 * a}
+                                for i, objs in enumerate(objects) for c, a in objs]}
+        (d / "coco.json").write_text(json.dumps(coco))
+        opts = [f"--questions={q(['how many dogs?', 'is it?', 'what colour?', 'what animal?'])}",
+                f"--annotations={d / 'ann.json'}", f"--areas={d / 'coco.json'}"]
+        # right, right, wrong, right at areas 0.1 ("dog" is in the question), 0.3, 0.6 ("bed" ~ "red"), 0.05
+        return base + opts, ["Two", "Yes.", "blue", "the dog"], \
+            {"accuracy": 75.0, "n": 4, "by_area_tertile": {"bottom": 100.0, "middle": 100.0, "top": 0.0}}
     if bench == "vizwiz":
         ann = [{"image": os.path.basename(IMAGES[i]), "answers": [{"answer": a}] * 10}
                for i, a in enumerate(["unanswerable", "pepsi", "10", "blue"])]
