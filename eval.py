@@ -111,7 +111,8 @@ NUMBERS = {w: str(k) for k, w in enumerate("zero one two three four five six sev
 NUMBERS["none"] = "0"
 ARTICLES = {"a", "an", "the"}
 PUNCT = ';/[]"{}()=+\\_-><@`,?!'
-PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official (?!<=...) is a lookahead, so every "." not before a digit
+# sic: the official "(?!<=" is a lookahead, not a lookbehind: every full stop not followed by a digit goes
+PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_DIGITS = re.compile(r"(\d)(,)(\d)")
 
 

@@ -206,7 +206,8 @@ def fixtures(root, bench):
         return base + [f"--annotations={d / 'ann.json'}"], ["12/15/89", "dear dr. lobo", "xyz", "x"], \
             {"anls": pytest.approx(100 * (0.875 + 1 + 0 + 1) / 4), "n": 4}
     if bench == "gqa":
-        (d / "ann.json").write_text(json.dumps({str(i): {"answer": a} for i, a in enumerate(["yes", "left", "red", "no"])}))
+        truth = {str(i): {"answer": a} for i, a in enumerate(["yes", "left", "red", "no"])}
+        (d / "ann.json").write_text(json.dumps(truth))
         opts = [f"--questions={q(['a?', 'b?', 'c?', 'd?'])}", f"--annotations={d / 'ann.json'}"]
         return base + opts, ["Yes.", "left.", "Red car", "yes"], {"accuracy": 50.0, "n": 4}
     if bench == "pope":
@@ -295,7 +296,8 @@ def test_answers_file_resumes_after_an_interruption(ckpt, monkeypatch):
     import hire
     seen = []
     real = hire.HIRE.generate
-    monkeypatch.setattr(hire.HIRE, "generate", lambda self, px, idx, **kw: seen.append(len(idx)) or real(self, px, idx, **kw))
+    monkeypatch.setattr(hire.HIRE, "generate",
+                        lambda self, px, idx, **kw: seen.append(len(idx)) or real(self, px, idx, **kw))
     resumed = ev.main(args + [f"--answers={ckpt / 'cut.jsonl'}"])
     assert seen == [2]  # only questions 3 and 4 were asked again
     assert (ckpt / "cut.jsonl").read_text() == "".join(full) and resumed == whole
