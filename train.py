@@ -496,27 +496,12 @@ def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id, max_new
     return (loss_sum / n_tok.clamp(min=1)).item(), round((correct / total.clamp(min=1)).item(), 4), shown
 
 
-@torch.no_grad()
 def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8):
     """Greedy answers of `net` to the first n questions of a synthetic split, scored by exact match
     (data.normalize_answer) per detail size: ({"large", "medium", "small", "overall"}, counts, the mean prompt
-    length in text tokens, a few (truth, said, size) samples)."""
-    c = net.config
-    qa = data.SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=c.image_size,
-                               pad_square=c.pad_square).qa_set(n)
-    sizes = tuple(data.SIZES)
-    right, total, prompt_tokens, samples = dict.fromkeys(sizes, 0), dict.fromkeys(sizes, 0), [], []
-    for b in torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate):
-        said, ok = greedy_answers(net, b, tok, data.end_of_turn(tok, template), max_new_tokens)
-        for s, hit, answer, size, m, ids in zip(said, ok, b["answer"], b["detail"], b["mask"], b["ids"]):
-            if len(samples) < 6:
-                samples.append(dict(truth=answer, said=s, size=size))
-            right[size] += hit
-            total[size] += 1
-            prompt_tokens.append(int(m.sum()) - int((ids == data.IMAGE_ID).sum()))  # text tokens of the prompt
-    acc = {s: right[s] / total[s] for s in sizes if total[s]}
-    acc["overall"] = sum(right.values()) / sum(total.values())
-    return acc, dict(total, overall=sum(total.values())), round(sum(prompt_tokens) / len(prompt_tokens)), samples
+    length in text tokens, a few (truth, said, size) samples). The benchmarks' code path: eval.py."""
+    from eval import detail_accuracy
+    return detail_accuracy(net, tok, template, n, split, seed, batch_size, max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- the loop
