@@ -691,6 +691,7 @@ class Tokenizer:
         self._parsed = parsed
         self._parsed_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(parsed, key=len, reverse=True))
                                      + ")") if parsed else None
+        self._sp_cont = None                                      # SentencePiece without the dummy prefix
         self.bos_id = self.eos_id = self.pad_id = None
         self.eos_ids = []
 
@@ -765,6 +766,12 @@ class Tokenizer:
         tok._sp_byte = [int(sp.id_to_piece(i)[3:5], 16) if types[i] == 6 else None for i in range(n)]
         tok._sp_text = [sp.id_to_piece(i).replace("\u2581", " ") for i in range(n)]
         tok._strip_space = add_dummy_prefix
+        # The same model without the dummy prefix, for text that continues a sequence (encode(prefix=False)).
+        # Protobuf merges a repeated message field, so one appended normalizer_spec {add_dummy_prefix: false}
+        # (field 3 {field 3 = 0}) overrides just that flag.
+        if add_dummy_prefix:
+            tok._sp_cont = sentencepiece.SentencePieceProcessor()
+            tok._sp_cont.LoadFromSerializedProto(data + b"\x1a\x02\x18\x00")
         tok._defaults = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
         return tok
 
@@ -871,7 +878,10 @@ class Tokenizer:
                 self._id_to_special.setdefault(i, _token_content(s))
 
     # ---- encode / decode
-    def encode(self, text: str, bos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, prefix: bool = True) -> list[int]:
+        """prefix=False: text that continues a sequence, e.g. after a special token, gets no SentencePiece dummy
+        prefix "▁" (what HF's LLaMA tokenizers with legacy=False do to the text after a special token). Byte-level
+        BPE has no dummy prefix: there it changes nothing."""
         if bos and self.bos_id is None:
             raise ValueError("encode(bos=True): this tokenizer has no bos token")
         ids = [self.bos_id] if bos else []
@@ -880,12 +890,12 @@ class Tokenizer:
             if k % 2:                                      # odd chunks are the added tokens that re.split kept
                 ids.append(self._parsed[chunk])
             elif chunk:
-                ids.extend(self._encode_plain(chunk))
+                ids.extend(self._encode_plain(chunk, prefix))
         return ids
 
-    def _encode_plain(self, text):
+    def _encode_plain(self, text, prefix=True):
         if self._sp is not None:
-            return self._sp.encode(text)
+            return (self._sp if prefix or self._sp_cont is None else self._sp_cont).encode(text)
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
         ranks = self._enc.encode_ordinary(text)
