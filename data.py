@@ -25,6 +25,8 @@ log = logging.getLogger("nanohires.data")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# LLaVA pads with tuple(int(x * 255) for x in image_processor.image_mean): the mean truncated, not rounded
+PAD_COLOUR = tuple(int(255 * m) for m in CLIP_MEAN)   # (122, 116, 104)
 IMAGE_TOKEN = "<image>"
 IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX: one position the model expands into its image tokens
 IGNORE = -100     # label of every token that is not supervised
@@ -46,7 +48,7 @@ def _to_rgb(im, name):
     if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
-        back = Image.new("RGBA", im.size, tuple(round(255 * m) for m in CLIP_MEAN) + (255,))
+        back = Image.new("RGBA", im.size, PAD_COLOUR + (255,))
         im = Image.alpha_composite(back, im)
     if im.mode != "RGB":
         try:
@@ -57,7 +59,7 @@ def _to_rgb(im, name):
 
 
 def expand2square(im, colour):
-    """LLaVA-1.5's pad-to-square: the image centred on a square canvas of the CLIP mean colour."""
+    """LLaVA-1.5's pad-to-square: the image centred on a square canvas of the CLIP mean colour (PAD_COLOUR)."""
     w, h = im.size
     if w == h:
         return im
@@ -100,7 +102,7 @@ def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS):
     plain (aspect-changing) resize as INF-LLaVA and Pheye do. Bicubic, as CLIP's preprocessing."""
     im = open_image(path_or_pil, max_pixels)
     if pad_square:
-        im = expand2square(im, tuple(round(255 * m) for m in CLIP_MEAN))
+        im = expand2square(im, PAD_COLOUR)
     if im.size != (size, size):
         im = im.resize((size, size), Image.BICUBIC)
     return clip_normalize(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1))  # (3, S, S), a copy

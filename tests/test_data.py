@@ -166,7 +166,7 @@ def norm(rgb):
 
 
 def test_image_modes_to_rgb():
-    mean = tuple(round(255 * m) for m in data.CLIP_MEAN)
+    mean = data.PAD_COLOUR
     cases = {   # image -> the RGB its (0, 0) pixel must become
         "L": (Image.new("L", (4, 4), 77), (77, 77, 77)),
         "RGBA opaque": (Image.new("RGBA", (4, 4), (10, 200, 30, 255)), (10, 200, 30)),
@@ -187,7 +187,8 @@ def test_image_modes_to_rgb():
 def test_pad_square_and_exif(tmp_path):
     im = Image.new("RGB", (8, 4), (255, 255, 255))
     x = data.load_image(im, 8, pad_square=True)   # 8x4 centred on 8x8: rows 0-1 and 6-7 are the mean colour
-    mean = torch.tensor(norm([round(255 * m) for m in data.CLIP_MEAN]))
+    assert data.PAD_COLOUR == (122, 116, 104)   # LLaVA's expand2square colour: the CLIP mean, truncated
+    mean = torch.tensor(norm(data.PAD_COLOUR))
     assert torch.allclose(x[:, 0, 0], mean, atol=1e-5) and torch.allclose(x[:, 7, 7], mean, atol=1e-5)
     assert torch.allclose(x[:, 4, 4], torch.tensor(norm([255] * 3)), atol=1e-5)
     assert torch.allclose(data.load_image(im, 8, pad_square=False)[:, 0, 0], torch.tensor(norm([255] * 3)))
