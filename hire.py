@@ -516,12 +516,15 @@ class HIRE(nn.Module):
         tensors = llmlib.read_release(path)
         if "text_config" in cfg:   # llava-hf: LlavaForConditionalGeneration
             text = {**LLAMA_DEFAULTS, **cfg["text_config"]}
-            wants = {"text_config.model_type": (text.get("model_type"), "llama"),
-                     "vision_config.model_type": (cfg.get("vision_config", {}).get("model_type"), "clip_vision_model"),
-                     "projector_hidden_act": (cfg.get("projector_hidden_act", "gelu"), "gelu"),
-                     "vision_feature_select_strategy": (cfg.get("vision_feature_select_strategy", "default"), "default"),
-                     "multimodal_projector_bias": (cfg.get("multimodal_projector_bias", True), True)}
-            bad = [f"{k}={v!r} (we implement {want!r})" for k, (v, want) in wants.items() if v != want]
+            got = {"text_config.model_type": text.get("model_type"),   # field -> (value, what we implement)
+                   "vision_config.model_type": cfg.get("vision_config", {}).get("model_type"),
+                   "projector_hidden_act": cfg.get("projector_hidden_act", "gelu"),
+                   "vision_feature_select_strategy": cfg.get("vision_feature_select_strategy", "default"),
+                   "multimodal_projector_bias": cfg.get("multimodal_projector_bias", True)}
+            want = {"text_config.model_type": "llama", "vision_config.model_type": "clip_vision_model",
+                    "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+                    "multimodal_projector_bias": True}
+            bad = [f"{k}={got[k]!r} (we implement {w!r})" for k, w in want.items() if got[k] != w]
             layer = cfg.get("vision_feature_layer", -2)
             if not isinstance(layer, int):
                 bad.append(f"vision_feature_layer={layer!r} (we implement one layer)")

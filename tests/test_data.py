@@ -516,7 +516,8 @@ def release_labels(hf, template, prompt, ids):
             cur += round_len
     else:
         rounds = prompt.split("<|eot_id|>")
-        rounds = ["<|eot_id|>".join(rounds[:3])] + ["<|eot_id|>".join(rounds[k:k + 2]) for k in range(3, len(rounds), 2)]
+        rounds = (["<|eot_id|>".join(rounds[:3])]
+                  + ["<|eot_id|>".join(rounds[k:k + 2]) for k in range(3, len(rounds), 2)])
         cur, sep = 0, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         for i, rou in enumerate(rounds):
             parts = rou.split(sep)
@@ -596,7 +597,8 @@ def byte_bpe_dir(d, pattern, specials, bos=None, eos="<|endoftext|>"):
         vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials,
         show_progress=False))
     if bos:
-        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))])
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                          special_tokens=[(bos, tk.token_to_id(bos))])
     tk.save(str(d / "tokenizer.json"))
     with open(d / "tokenizer_config.json", "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos}, f)

@@ -286,3 +286,169 @@ def test_hire_demo_runs_a_release(reference, tmp_path):
     image.save(tmp_path / "x.png")
     want = data.answer_text(tok, model.generate(pixels, torch.tensor([ids]), max_new_tokens=5, eos_id=tok.eos_id)[0])
     assert run_demo("hire.py", d, tmp_path / "x.png") == want
+
+
+# ----------------------------------------------------------------------------- INF-LLaVA
+D, TOWER = 32, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                    patch_size=8)   # width 32: 8 heads of 4 in the DEM, FFN 32 -> 2 -> 16 (d/16, d/2)
+
+
+def spatial_embed_shapes(d):
+    """SpatialEmbed(channel=d)'s parameters (INF_llava/model/llava_arch.py), by name and shape."""
+    shapes = {f"attention.linears.{i}.weight": (d, d) for i in range(4)}
+    shapes.update({f"attention.linears.{i}.bias": (d,) for i in range(4)})
+    shapes.update({"attention.ln.weight": (d,), "attention.ln.bias": (d,), "ln_fuse.weight": (d,),
+                   "ln_fuse.bias": (d,)})
+    for f in ("ffn_crop", "ffn_stride"):
+        shapes.update({f"{f}.0.weight": (d // 16, d), f"{f}.0.bias": (d // 16,), f"{f}.2.weight": (d // 2, d // 16),
+                       f"{f}.2.bias": (d // 2,)})
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def inf_release(reference, tmp_path_factory):
+    """A tiny INF-LLaVA release: LLaMA layout (model.*, lm_head.*), model.mm_projector.{0,2}, model.spatial_embed.*,
+    the tower inside, LLaVA's config fields with model_type llava_llama, sharded safetensors, the tiny tokenizer
+    (it has the LLaMA-3 header tokens the llama3 template needs). Returns (dir, release state, transformers tower,
+    transformers LM)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    d = tmp_path_factory.mktemp("inf-llava")
+    torch.manual_seed(1)
+    tower = CLIPVisionModel(CLIPVisionConfig(**TOWER)).eval()
+    lm_cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=5e5)
+    lm = LlamaForCausalLM(lm_cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    state = {k: t + 0.05 * torch.randn(t.shape, generator=g) for k, t in lm.state_dict().items()}
+    lm.load_state_dict(state)
+    tower_state = tower.state_dict()   # transformers 5 names them without the vision_model. that 4.x wrote
+    assert "embeddings.class_embedding" in tower_state
+    state.update({"model.vision_tower.vision_tower.vision_model." + k: t for k, t in tower_state.items()})
+    state.update({f"model.mm_projector.{i}.{p}": 0.2 * torch.randn(s, generator=g) for i, p, s in
+                  [(0, "weight", (48, D)), (0, "bias", (48,)), (2, "weight", (48, 48)), (2, "bias", (48,))]})
+    state.update({"model.spatial_embed." + k: (1 if "ln" in k and k.endswith("weight") else 0) + 0.3 *
+                  torch.randn(s, generator=g) for k, s in spatial_embed_shapes(D).items()})
+    write_shards(str(d), state, 3, "safetensors")
+    os.makedirs(d / "clip")
+    json.dump(tower.config.to_dict(), open(d / "clip" / "config.json", "w"))
+    json.dump({**lm_cfg.to_dict(), **LLAVA_FIELDS, "model_type": "llava_llama", "mm_vision_tower": str(d / "clip")},
+              open(d / "config.json", "w"))
+    _, src = reference
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        with open(os.path.join(src, name), "rb") as f, open(d / name, "wb") as g_:
+            g_.write(f.read())
+    return d, state, tower, lm
+
+
+def release_encode_images(state, tower, images, n=3):
+    """INF-LLaVA's LlavaMetaForCausalLM.encode_images and SpatialEmbed.forward, restated from the release:
+    bicubic 336 -> 1008, 3x3 crops and 3x3 strided sub-images, one tower call each (hidden_states[-2], class token
+    dropped), the crop/stride maps combined, global queries in crop windows and local queries in strided windows
+    (one 8-head attention, LayerNorm(W_o a + q)), FFNs, LayerNorm fusion, bilinear to the tower grid, mean with the
+    1x view, projector. Weights by their release names."""
+    w = lambda name: state["model.spatial_embed." + name]
+    S = images.shape[-1]
+    big = F.interpolate(images.float(), (S * n, S * n), mode="bicubic", align_corners=False)
+    crops = [big[:, :, i * S:(i + 1) * S, j * S:(j + 1) * S] for i in range(n) for j in range(n)]
+    strides = [big[:, :, i::n, j::n] for i in range(n) for j in range(n)]
+    one = F.interpolate(images.float(), (S, S), mode="bicubic", align_corners=False)
+    feats = [tower(x, output_hidden_states=True).hidden_states[-2][:, 1:] for x in crops + strides + [one]]
+    b, hw, d = feats[0].shape
+    h = int(hw ** 0.5)
+    grid = lambda fs: [f.reshape(b, h, h, d) for f in fs]
+    crop_map = torch.cat([torch.cat(grid(feats[:n * n])[i * n:(i + 1) * n], dim=2) for i in range(n)], dim=1)
+    stride_map = torch.zeros(b, n * h, n * h, d)
+    for k, f in enumerate(grid(feats[n * n:2 * n * n])):
+        stride_map[:, k // n::n, k % n::n] = f
+
+    def attention(q, kv):   # MultiHeadedAttention(8, d)
+        lin = lambda x, i: F.linear(x, w(f"attention.linears.{i}.weight"), w(f"attention.linears.{i}.bias"))
+        split = lambda x: x.view(b, -1, 8, d // 8).transpose(1, 2)
+        a = torch.softmax(split(lin(q, 0)) @ split(lin(kv, 1)).transpose(-2, -1) / (d // 8) ** 0.5, dim=-1)
+        out = (a @ split(lin(kv, 2))).transpose(1, 2).reshape(b, -1, d)
+        return F.layer_norm(lin(out, 3) + q, (d,), w("attention.ln.weight"), w("attention.ln.bias"))
+
+    blocks = lambda m: [m[:, i * h:(i + 1) * h, j * h:(j + 1) * h].reshape(b, hw, d)
+                        for i in range(n) for j in range(n)]
+    strided = lambda m: [m[:, i::n, j::n].reshape(b, hw, d) for i in range(n) for j in range(n)]
+    glo = [attention(g, l).reshape(b, h, h, d) for g, l in zip(blocks(stride_map), blocks(crop_map))]
+    loc = [attention(l, g).reshape(b, h, h, d) for l, g in zip(strided(crop_map), strided(stride_map))]
+    new_stride = torch.cat([torch.cat(glo[i * n:(i + 1) * n], dim=2) for i in range(n)], dim=1)
+    new_crop = torch.zeros_like(crop_map)
+    for k, f in enumerate(loc):
+        new_crop[:, k // n::n, k % n::n] = f
+    ffn = lambda x, f: F.linear(F.gelu(F.linear(x, w(f"{f}.0.weight"), w(f"{f}.0.bias"))), w(f"{f}.2.weight"),
+                                w(f"{f}.2.bias"))
+    fused = F.layer_norm(torch.cat([ffn(new_crop, "ffn_crop"), ffn(new_stride, "ffn_stride")], -1) + new_stride
+                         + new_crop, (d,), w("ln_fuse.weight"), w("ln_fuse.bias"))
+    out = F.interpolate(fused.permute(0, 3, 1, 2), size=(h, h), mode="bilinear", align_corners=False)
+    x = torch.stack([feats[-1], out.permute(0, 2, 3, 1).reshape(b, hw, d)], dim=-1).mean(-1)
+    p = lambda i: (state[f"model.mm_projector.{i}.weight"], state[f"model.mm_projector.{i}.bias"])
+    return F.linear(F.gelu(F.linear(x, *p(0))), *p(2))
+
+
+def test_inf_llava_release_matches_its_encode_images_and_spatial_embed(inf_release):
+    """from_release puts every release tensor where INF_LLAVA_KEYS says, unchanged; the model's visual tokens equal
+    the release's encode_images + SpatialEmbed restated above (transformers' CLIP as the tower), and its logits
+    transformers' LLaMA on the same spliced embeddings: the release DEM (windows, shared 8-head attention, fusion,
+    bilinear downsample, mean) is the official maths, not only the paper's."""
+    import inf_llava as inf
+    d, state, tower, lm = inf_release
+    model = inf.INFLLaVA.from_release(str(d))
+    c = model.config
+    assert (c.image_size, c.upsample, c.template, c.windows, c.attention, c.fusion, c.downsample, c.dual_combine) \
+        == (96, True, "llama3", "release", "release", "release", "bilinear", "mean")
+    check_round_trip(model, state, inf.INF_LLAVA_KEYS)
+    tok = llmlib.Tokenizer.from_pretrained(str(d))
+    ids, _ = data.tokenize_conversation(tok, TURN, "llama3")
+    pixels = data.load_image(Image.new("RGB", (50, 30), (200, 30, 90)), c.input_size, c.pad_square)[None]
+    pixels = pixels + 0.3 * torch.randn(pixels.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.encode_images(pixels)
+        want = release_encode_images(state, tower, pixels)
+        torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+        p = ids.index(IMAGE_ID)
+        emb = lm.model.embed_tokens(torch.tensor([ids[:p] + ids[p + 1:]]))
+        embeds = torch.cat([emb[:, :p], want, emb[:, p:]], dim=1)
+        torch.testing.assert_close(model(pixels, torch.tensor([ids])), lm(inputs_embeds=embeds).logits,
+                                   atol=1e-5, rtol=1e-5)
+    # the DEM matters: with its weights perturbed the tokens move
+    with torch.no_grad():
+        model.dem.fusion.norm.bias.add_(1.0)
+        assert (model.encode_images(pixels) - ours).abs().max() > 1e-2
+
+
+def test_inf_llava_release_errors(inf_release, reference, tmp_path):
+    import inf_llava as inf
+    d, state, _, _ = inf_release
+    os.makedirs(tmp_path / "r")
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        with open(d / name, "rb") as f, open(tmp_path / "r" / name, "wb") as g:
+            g.write(f.read())
+    s = {k: v for k, v in state.items() if k != "model.spatial_embed.ffn_crop.2.bias"}
+    s["model.spatial_embed.ffn_crop.2.bias"] = torch.zeros(17)
+    write_shards(str(tmp_path / "r"), s, 1, "bin")
+    with pytest.raises(ValueError, match=r"wrong shape: \['model.spatial_embed.ffn_crop.2.bias \(17,\) -> "
+                                         r"dem.fusion.ffn_loc.2.bias \(16,\)'\]"):
+        inf.INFLLaVA.from_release(str(tmp_path / "r"))
+    s.pop("model.spatial_embed.ffn_crop.2.bias")
+    write_shards(str(tmp_path / "r"), s, 1, "bin")
+    with pytest.raises(ValueError, match=r"missing \(our names\): \['dem.fusion.ffn_loc.2.bias'\]"):
+        inf.INFLLaVA.from_release(str(tmp_path / "r"))
+    write_original(reference, tmp_path / "llava")   # a LLaVA-1.5 release is not an INF-LLaVA one: no DEM
+    with pytest.raises(ValueError, match=r"missing \(our names\): \['dem.attn.0.k_proj.bias'"):
+        inf.INFLLaVA.from_release(str(tmp_path / "llava"))
+
+
+def test_inf_llava_demo_runs_a_release(inf_release, tmp_path):
+    """python inf_llava.py --release DIR ...: the image padded and resized to 336 (input_size), upsampled inside,
+    the conv_llama3 prompt, greedy up to <|eot_id|>: the answer our model gives in-process."""
+    import inf_llava as inf
+    d = inf_release[0]
+    model, tok = inf.INFLLaVA.from_release(str(d)), llmlib.Tokenizer.from_pretrained(str(d))
+    image = Image.fromarray((torch.rand(30, 50, 3, generator=torch.Generator().manual_seed(4)) * 255).byte().numpy())
+    image.save(tmp_path / "x.png")
+    ids, _ = data.tokenize_conversation(tok, TURN, "llama3")
+    pixels = data.load_image(image, model.config.input_size, True)[None]
+    out = model.generate(pixels, torch.tensor([ids]), max_new_tokens=5, eos_id=data.end_of_turn(tok, "llama3"))
+    assert run_demo("inf_llava.py", d, tmp_path / "x.png") == data.answer_text(tok, out[0])
