@@ -4,6 +4,7 @@ models it measures itself against, in one class: LLaVA-1.5 (enricher="none"), LL
 LLaVA-1.5-HIRE (enricher="hire").
 
     python hire.py --image cat.jpg --prompt "What is in the image?" [--ckpt out/hire/ckpt]
+    python hire.py --release llava-1.5-7b-hf --image cat.jpg --prompt "..."   # released LLaVA-1.5 (from_release)
 
 HIRE has no public code. Where the paper is silent we follow LLaVA-1.5 (projector, splice, recipe), FeatUp's
 JBULearnedRange (the enriching layer) and S2's s2wrapper (the baseline), and say so in a comment.

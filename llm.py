@@ -1,6 +1,7 @@
 """A decoder-only language model covering LLaMA-2/Vicuna, LLaMA-3, Qwen2, Phi-1.5 and GPT-2 with config switches,
 KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors only); and the tokenizers of
-those families (SentencePiece, tiktoken, byte-level BPE) behind one small Tokenizer class.
+those families (SentencePiece, tiktoken, byte-level BPE) behind one small Tokenizer class. Released multimodal
+checkpoints (LLaVA-style) are read here too: any layout through a key table, pickles with weights_only=True.
 
     model = LLM.from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
     out = model.generate(idx, max_new_tokens=32)          # greedy; left-padded batches via mask=
