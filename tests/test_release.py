@@ -127,6 +127,7 @@ def test_llava_hf_layouts_match_transformers(reference, tmp_path, layout):
             "4.52": "model.vision_tower.vision_model.pre_layrnorm.weight"}[layout]
     assert want in state and ("lm_head.weight" in state) == (layout == "4.52")
     model = hire.HIRE.from_release(str(tmp_path / layout))
+    check_round_trip(model, state, hire.LLAVA_HF_KEYS)
     assert model.config.enricher == "none" and model.config.vit_layer == -2 and model.config.template == "vicuna_v1"
     check_against_reference(model, model_hf, llmlib.Tokenizer.from_pretrained(str(d)))
 
