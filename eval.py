@@ -35,6 +35,8 @@ class EvalConfig:
     bench: str = "synthetic"      # one of BENCHMARKS
     ckpt: str = ""                # a checkpoint of train.py (OUT_DIR/ckpt) or any Model.save directory
     release: str = ""             # a released checkpoint's directory, read by <Model>.from_release (needs --model)
+    vit: str = ""                 # --release: the vision tower's directory, where the release does not hold it
+    llm: str = ""                 # --release of Pheye: the decoder's directory (its config.json and tokenizer)
     model: str = ""               # one of train.MODELS; default: the checkpoint's train_state.pt says
     tokenizer: str = ""           # default: the checkpoint's (train.py copies it in) or the release's directory
     template: str = ""            # chat template; default: the one the checkpoint's last stage trained with
@@ -670,11 +672,12 @@ def load_model(cfg, device="cpu", dtype=torch.float32):
         if not hasattr(Model, "from_release"):
             raise NotImplementedError(f"{cls_name}.from_release does not exist yet: released {cls_name} weights "
                                       f"cannot be read (train.py checkpoints load with --ckpt)")
-        net = Model.from_release(cfg.release, dtype=dtype)
+        paths = {k: v for k, v in (("vit", cfg.vit), ("llm", cfg.llm)) if v}  # Pheye needs both, LLaVA maybe vit
+        net = Model.from_release(cfg.release, dtype=dtype, **paths)
     else:
         net = Model.load(cfg.ckpt, dtype=dtype)
     net = net.to(device).eval()
-    tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.ckpt or cfg.release)
+    tok = Tokenizer.from_pretrained(cfg.tokenizer or cfg.ckpt or (cfg.llm if name == "pheye" else "") or cfg.release)
     template = cfg.template
     if not template:  # the template the last stage trained with; captioning stages answer in the config's
         template = Model.STAGES[state["stage"]].get("template", net.config.template) if state else net.config.template

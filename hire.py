@@ -4,6 +4,7 @@ models it measures itself against, in one class: LLaVA-1.5 (enricher="none"), LL
 LLaVA-1.5-HIRE (enricher="hire").
 
     python hire.py --image cat.jpg --prompt "What is in the image?" [--ckpt out/hire/ckpt]
+    python hire.py --release llava-1.5-7b-hf --image cat.jpg --prompt "..."   # released LLaVA-1.5 (from_release)
 
 HIRE has no public code. Where the paper is silent we follow LLaVA-1.5 (projector, splice, recipe), FeatUp's
 JBULearnedRange (the enriching layer) and S2's s2wrapper (the baseline), and say so in a comment.
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 import data
+import llm as llmlib
 import vit as vitlib
 from llm import LLM, LLMConfig, next_token_loss, splice_image
 from vit import ViT, ViTConfig
@@ -501,6 +503,48 @@ class HIRE(nn.Module):
                 model.enricher.to(dtype)
         return model
 
+    @classmethod
+    def from_release(cls, path, vit=None, dtype=None) -> "HIRE":
+        """LLaVA-1.5 as released, as enricher="none": llava-hf's conversion (llava-hf/llava-1.5-7b-hf, safetensors)
+        or LLaVA's own (liuhaotian/llava-v1.5-7b: its config fields, pytorch_model-*.bin read with
+        torch.load(weights_only=True), or safetensors after `python llm.py --to_safetensors DIR`). vit: the CLIP
+        directory of mm_vision_tower, needed when the release holds no tower weights. Every key is mapped by
+        LLAVA_KEYS / LLAVA_HF_KEYS and every shape checked; unimplemented config fields are refused by name."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: no config.json (expected a LLaVA-1.5 release directory)")
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        tensors = llmlib.read_release(path)
+        if "text_config" in cfg:   # llava-hf: LlavaForConditionalGeneration
+            text = {**LLAMA_DEFAULTS, **cfg["text_config"]}
+            got = {"text_config.model_type": text.get("model_type"),   # field -> (value, what we implement)
+                   "vision_config.model_type": cfg.get("vision_config", {}).get("model_type"),
+                   "projector_hidden_act": cfg.get("projector_hidden_act", "gelu"),
+                   "vision_feature_select_strategy": cfg.get("vision_feature_select_strategy", "default"),
+                   "multimodal_projector_bias": cfg.get("multimodal_projector_bias", True)}
+            want = {"text_config.model_type": "llama", "vision_config.model_type": "clip_vision_model",
+                    "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+                    "multimodal_projector_bias": True}
+            bad = [f"{k}={got[k]!r} (we implement {w!r})" for k, w in want.items() if got[k] != w]
+            layer = cfg.get("vision_feature_layer", -2)
+            if not isinstance(layer, int):
+                bad.append(f"vision_feature_layer={layer!r} (we implement one layer)")
+            if bad:
+                raise ValueError(f"{path}/config.json: not implemented here: {', '.join(bad)}")
+            llm_cfg, table = LLMConfig.from_hf(text), LLAVA_HF_KEYS
+            vit_cfg, tower = ViT.config_from_hf(cfg["vision_config"], path), None
+        else:   # LLaVA's own release
+            llm_cfg, name, layer = llmlib.llava_config(cfg, path)
+            table = LLAVA_KEYS
+            inside = any(k.startswith("model.vision_tower.vision_tower.") for k in tensors)
+            vit_cfg, tower = vitlib.release_tower(name, vit, inside, path, dtype)
+        config = HIREConfig(vit=vit_cfg, llm=llm_cfg, enricher="none", vit_layer=layer, pad_square=True,
+                            template="vicuna_v1")
+        with torch.device("meta"):
+            model = cls(config, vit=tower)
+        llmlib.load_release(model, tensors, table, path, dtype, exclude=("vit.",) if tower is not None else ())
+        return model.to(dtype or torch.float32).eval()
+
     def save(self, path):
         """config.json (dataclasses.asdict) + model.safetensors; written to path.tmp, then renamed."""
         tmp = path.rstrip("/") + ".tmp"
@@ -544,6 +588,27 @@ class HIRE(nn.Module):
         return model
 
 
+# ----------------------------------------------------------------------------- released LLaVA-1.5 checkpoints
+VIT = vitlib.tower_key
+# release key prefix -> our prefix (or a function of the rest); the longest matching prefix wins (llm.load_release)
+LLAVA_KEYS = [   # liuhaotian/llava-v1.5-7b: LlavaLlamaForCausalLM (llava/model/llava_arch.py)
+    ("model.", "llm."), ("lm_head.", "llm.lm_head."),
+    ("model.mm_projector.0.", "projector.0."), ("model.mm_projector.2.", "projector.2."),
+    ("model.vision_tower.vision_tower.vision_model.", VIT)]
+LLAVA_HF_KEYS = [   # llava-hf/llava-1.5-7b-hf as on the hub (transformers 4), as saved by transformers >= 4.52, and
+    # as saved by transformers 5 (the tower without its vision_model. level)
+    ("language_model.model.", "llm."), ("model.language_model.", "llm."),
+    ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head."),
+    ("vision_tower.vision_model.", VIT), ("model.vision_tower.vision_model.", VIT), ("vision_tower.", VIT),
+    ("model.vision_tower.", VIT),
+    ("multi_modal_projector.linear_1.", "projector.0."), ("model.multi_modal_projector.linear_1.", "projector.0."),
+    ("multi_modal_projector.linear_2.", "projector.2."), ("model.multi_modal_projector.linear_2.", "projector.2.")]
+# LlamaConfig's defaults: llava-hf's config.json writes only the text_config fields that differ from them
+LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+                  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+
+
 def _unique_state(model):
     """state_dict without the second name of a tied tensor (safetensors refuses shared storage)."""
     seen, out = set(), {}
@@ -562,13 +627,18 @@ def main(argv):
     ap.add_argument("--image", required=True)
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--ckpt", default=None, help="a HIRE.save directory (with its tokenizer); else a random tiny")
+    ap.add_argument("--release", default=None, help="a released LLaVA-1.5 directory (HIRE.from_release)")
+    ap.add_argument("--vit", default=None, help="with --release: the CLIP directory its config names, if needed")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--enricher", default=None, choices=["hire", "s2", "none"])
     ap.add_argument("--max_new_tokens", type=int, default=32)
     args = ap.parse_args(argv)
     from llm import Tokenizer
     torch.manual_seed(0)
-    if args.ckpt:
+    if args.release:
+        model, tok_dir = HIRE.from_release(args.release, args.vit, getattr(torch, args.dtype)), args.release
+    elif args.ckpt:
         model, tok_dir = HIRE.load(args.ckpt), args.ckpt
     else:
         config = HIREConfig.preset(args.preset)

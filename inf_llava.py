@@ -39,6 +39,13 @@ and its encode_images resizes every input bicubically to 1008, so its 1008 view 
 `resize_input=True` reproduces that. The low-res view is a bicubic resize of the input as given to 336 (of a
 1008 training image; of a 336 inference image, the image itself), as in the release.
 
+Released checkpoints (WeihuangLin/INF-LLaVA-sft, INF_star-LLaVA-sft): `INFLLaVA.from_release(dir)` and
+`python inf_llava.py --release DIR`. The release's inference path takes the 336x336 view (padded to square, as
+LLaVA) and upsamples it bicubically to 1008 inside encode_images; `resize_input=True` (set by from_release) does the
+same, and its 336 view is then the input itself. Without it (the paper's reading, and our training) the image is loaded at
+1008 directly, so the sub-images hold real detail above 336 px. The release hard-codes 3x3 sub-images, 1008 px, a
+24x24 output grid and 1024 channels; here they follow the tower and image_size (equal for CLIP-L/336 at 1008).
+
 Ablation switches (Tables 3-6): `image_size` with `dual` (single 336..1680 or dual [336+N]); `dem` "global" /
 "local" (Table 4: V_glo or V_loc alone, no fusion projection: our reading) or "none"; `fusion` "conv3x3" /
 "mul" / "weighted_add" / "maxpool" / "add" / "linear_concat" (Table 5); `dcm` "local" / "global" (Table 6's
@@ -57,6 +64,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
+import llm as llmlib
+import vit as vitlib
 from llm import LLM, LLMConfig, next_token_loss, splice_image
 from vit import ViT, ViTConfig
 
@@ -93,6 +102,11 @@ class INFLLaVAConfig:
     fusion: str = "linear_concat"
     downsample: str = "avgpool"
     dual_combine: str = "sum"
+
+    @property
+    def input_size(self) -> int:
+        """The side of the pixels to load: the release's inference (resize_input) loads at the ViT's size."""
+        return self.vit.image_size if self.resize_input else self.image_size
 
     @staticmethod
     def preset(name: str) -> "INFLLaVAConfig":
@@ -412,6 +426,29 @@ class INFLLaVA(nn.Module):
         with default_dtype(dtype):
             return cls(config, vit=vit, llm=llm)
 
+    @classmethod
+    def from_release(cls, path, vit=None, dtype=None) -> "INFLLaVA":
+        """A released INF-LLaVA (WeihuangLin/INF-LLaVA-sft, INF_star-LLaVA-sft): LLaVA's config fields (checked,
+        unimplemented ones refused by name) and layout plus the DEM (model.spatial_embed.*), read through
+        INF_LLAVA_KEYS with every shape checked; safetensors or pytorch_model-*.bin (torch.load(weights_only=True)).
+        The release's choices: preset "paper-release", image_size 3x the tower's, resize_input=True, conv_llama3.
+        vit: the CLIP directory of mm_vision_tower, needed when the release holds no tower weights."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: no config.json (expected an INF-LLaVA release directory)")
+        with open(os.path.join(path, "config.json")) as f:
+            llm_cfg, name, layer = llmlib.llava_config(json.load(f), path)
+        tensors = llmlib.read_release(path)
+        inside = any(k.startswith("model.vision_tower.vision_tower.") for k in tensors)
+        vit_cfg, tower = vitlib.release_tower(name, vit, inside, path, dtype)
+        config = dataclasses.replace(INFLLaVAConfig.preset("paper-release"), vit=vit_cfg, llm=llm_cfg,
+                                     image_size=3 * vit_cfg.image_size, vision_layer=layer, resize_input=True,
+                                     pad_square=True, template="llama3")
+        with torch.device("meta"):
+            model = cls(config, vit=tower)
+        exclude = ("vit.",) if tower is not None else ()   # the tower was loaded from its own directory
+        llmlib.load_release(model, tensors, INF_LLAVA_KEYS, path, dtype, exclude)
+        return model.to(dtype or torch.float32).eval()
+
     def save(self, dir: str):
         """config.json + model.safetensors, each written to a temporary name and renamed."""
         os.makedirs(dir, exist_ok=True)
@@ -439,6 +476,23 @@ class INFLLaVA(nn.Module):
         return model
 
 
+# release key prefix -> our prefix (or a function of the rest); the longest matching prefix wins (llm.load_release)
+INF_LLAVA_KEYS = [   # LlavaLlamaForCausalLM of INF_llava/model (LLaVA's layout) with class SpatialEmbed as the DEM
+    ("model.", "llm."), ("lm_head.", "llm.lm_head."),
+    ("model.mm_projector.0.", "projector.0."), ("model.mm_projector.2.", "projector.2."),
+    ("model.vision_tower.vision_tower.vision_model.", vitlib.tower_key),
+    # SpatialEmbed.attention (MultiHeadedAttention, one for both directions): linears = W_q, W_k, W_v, W_o
+    ("model.spatial_embed.attention.linears.0.", "dem.attn.0.q_proj."),
+    ("model.spatial_embed.attention.linears.1.", "dem.attn.0.k_proj."),
+    ("model.spatial_embed.attention.linears.2.", "dem.attn.0.v_proj."),
+    ("model.spatial_embed.attention.linears.3.", "dem.attn.0.out_proj."),
+    ("model.spatial_embed.attention.ln.", "dem.attn.0.norm."),
+    # fusion: "crop" is the local perspective, "stride" the global one
+    ("model.spatial_embed.ffn_crop.", "dem.fusion.ffn_loc."),
+    ("model.spatial_embed.ffn_stride.", "dem.fusion.ffn_glo."),
+    ("model.spatial_embed.ln_fuse.", "dem.fusion.norm.")]
+
+
 # ----------------------------------------------------------------------------- demo
 if __name__ == "__main__":
     import tempfile
@@ -450,10 +504,15 @@ if __name__ == "__main__":
     parser.add_argument("--image", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--ckpt", default="", help="a saved INF-LLaVA directory (else a random tiny model)")
+    parser.add_argument("--release", default="", help="a released INF-LLaVA directory (INFLLaVA.from_release)")
+    parser.add_argument("--vit", default=None, help="with --release: the CLIP directory its config names, if needed")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max_new_tokens", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.ckpt:
+    if args.release:
+        model, tok_dir = INFLLaVA.from_release(args.release, args.vit, getattr(torch, args.dtype)), args.release
+    elif args.ckpt:
         model, tok_dir = INFLLaVA.load(args.ckpt), args.ckpt
     else:
         model, tok_dir = INFLLaVA(INFLLaVAConfig.preset("tiny")), tempfile.mkdtemp()
@@ -461,10 +520,10 @@ if __name__ == "__main__":
         print("no --ckpt: a randomly initialised tiny INF-LLaVA (the answer is noise)")
     tok = Tokenizer.from_pretrained(tok_dir)
     cfg = model.config
-    pixels = data.load_image(args.image, cfg.image_size, cfg.pad_square).unsqueeze(0)
+    pixels = data.load_image(args.image, cfg.input_size, cfg.pad_square).unsqueeze(0)
     n = cfg.image_size // cfg.vit.image_size
-    print(f"image -> {cfg.image_size}x{cfg.image_size}: {n}x{n} local + {n}x{n} global crops"
-          f"{' + the low-res view' if cfg.dual else ''}")
+    print(f"image -> {cfg.input_size}x{cfg.input_size}{f' -> {cfg.image_size}' if cfg.resize_input else ''}: {n}x{n} "
+          f"local + {n}x{n} global crops{' + the low-res view' if cfg.dual else ''}")
     # a last human turn without answer: the ids end with the assistant header, ready to generate
     ids, _ = data.tokenize_conversation(tok, [{"from": "human", "value": data.IMAGE_TOKEN + "\n" + args.prompt}],
                                         cfg.template)

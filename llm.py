@@ -1,7 +1,8 @@
 """A decoder-only language model covering LLaMA-2/Vicuna, LLaMA-3, Qwen2, Phi-1.5 and GPT-2 with config switches,
 KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors only); LLaVA's splice of image
 tokens into the prompt (splice_image); and the tokenizers of those families (SentencePiece, tiktoken, byte-level
-BPE) behind one small Tokenizer class.
+BPE) behind one small Tokenizer class. Released multimodal checkpoints (LLaVA-style) are read here too: any
+layout through a key table, pickles with weights_only=True.
 
     model = LLM.from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
     out = model.generate(idx, max_new_tokens=32)          # greedy; left-padded batches via mask=
@@ -578,6 +579,158 @@ def _weight_files(path):
 
 
 # -----------------------------------------------------------------------------
+# Released multimodal checkpoints (LLaVA-1.5 in its two layouts, INF-LLaVA): a LLaMA checkpoint plus vision modules,
+# each release's keys renamed by the small table its model file gives (hire.py, inf_llava.py). The original LLaVA
+# releases are PyTorch pickles (pytorch_model-*.bin), and unpickling can run arbitrary code: they are read only with
+# torch.load(weights_only=True), which rebuilds tensors and plain containers and refuses everything else.
+# `python llm.py --to_safetensors DIR` rewrites them once as safetensors, which hold nothing but tensors.
+RELEASE_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+RELEASE_SKIP = ("rotary_emb.inv_freq", "embeddings.position_ids")   # derived buffers older transformers saved
+
+
+def release_files(path):
+    """A release directory's weight files: its safetensors (sharded or single) if it has them, else its
+    pytorch_model .bin files (sharded or single)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"release directory {path!r} does not exist")
+    for index in RELEASE_INDEXES:
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+            if absent:
+                raise FileNotFoundError(f"{path}/{index} lists shards that are not there: {absent}")
+            return [os.path.join(path, s) for s in shards]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin, or an index of their shards")
+
+
+def _read_pickle(file):
+    try:   # weights_only: tensors and plain containers only; mmap: the file is paged in, not copied
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{file}: torch.load(weights_only=True) refused it ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{file}: expected a flat dict of tensors (a state dict), got {type(state).__name__}")
+    return state
+
+
+def read_release(path):
+    """{key: (shape, read)} over every weight file of a release directory; read() returns the tensor."""
+    from safetensors import safe_open
+    out = {}
+    for file in release_files(path):
+        if file.endswith(".safetensors"):
+            def read(key, file=file):
+                with safe_open(file, "pt") as f:
+                    return f.get_tensor(key)
+            with safe_open(file, "pt") as f:
+                items = {k: (tuple(f.get_slice(k).get_shape()), lambda k=k, read=read: read(k)) for k in f.keys()}
+        else:
+            items = {k: (tuple(t.shape), lambda t=t: t) for k, t in _read_pickle(file).items()}
+        twice = sorted(set(items) & set(out))
+        if twice:
+            raise ValueError(f"{path}: keys stored in more than one file, e.g. {twice[:3]}")
+        out.update(items)
+    return out
+
+
+def load_release(model, tensors, table, path, dtype=None, exclude=()):
+    """Load read_release(path)'s tensors into `model` (built on the meta device): `table` is [(release prefix,
+    ours)], the longest matching prefix renames a key, and ours is our prefix or a function of the rest of the key.
+    Every model tensor except those under `exclude` (loaded elsewhere) must come from exactly one release tensor
+    of its shape, and every release tensor must land somewhere; otherwise a ValueError names each of them."""
+    dtype = dtype or torch.float32
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items() if not k.startswith(tuple(exclude))}
+    targets = dict(table)
+    found, unexpected, twice = {}, [], []
+    for key, (shape, read) in tensors.items():
+        prefix = max((p for p in targets if key.startswith(p)), key=len, default=None)
+        to = targets.get(prefix)
+        ours = None if prefix is None else to(key[len(prefix):]) if callable(to) else to + key[len(prefix):]
+        if ours not in expected:
+            if not key.endswith(RELEASE_SKIP):
+                unexpected.append(key)
+        elif ours in found:
+            twice.append(f"{found[ours][0]} and {key} (both -> {ours})")
+        else:
+            found[ours] = (key, shape, read)
+    missing = sorted(set(expected) - set(found))
+    wrong = [f"{key} {shape} -> {ours} {expected[ours]}" for ours, (key, shape, _) in found.items()
+             if shape != expected[ours]]
+    problems = [("missing (our names)", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong),
+                ("twice", twice)]
+    if any(v for _, v in problems):
+        raise ValueError(f"{path} does not fit the {type(model).__name__} its config describes:\n" + "".join(
+            f"  {what}: {v[:12]}{f' ... ({len(v)} in all)' if len(v) > 12 else ''}\n" for what, v in problems if v))
+    state = {ours: read().to(dtype, copy=True) for ours, (_, _, read) in found.items()}
+    left = model.load_state_dict(state, strict=False, assign=True)
+    assert not left.unexpected_keys and all(k.startswith(tuple(exclude)) for k in left.missing_keys), left
+    return model
+
+
+# config.json of LLaVA's own releases (LlavaLlamaForCausalLM, also INF-LLaVA's): the LLaMA fields plus these, read
+# as llava/model/llava_arch.py and builder.py read them. field -> (LLaVA's default when absent, what we implement)
+LLAVA_FIELDS = {
+    "mm_projector_type": ("linear", ("mlp2x_gelu",)),
+    "mm_vision_select_feature": ("patch", ("patch",)),      # the class token dropped
+    "mm_patch_merge_type": ("flat", ("flat",)),
+    "image_aspect_ratio": (None, ("pad",)),                 # pad to square with the mean colour, then resize
+    "mm_use_im_start_end": (False, (False,)),
+    "mm_use_im_patch_token": (True, (False,)),
+    "mm_resampler_type": (None, (None,)),
+}
+# read elsewhere (tower, layer) or without effect on inference (training switches, learning rates)
+LLAVA_OTHER = {"mm_vision_tower", "mm_vision_select_layer", "mm_hidden_size", "use_mm_proj", "tune_mm_mlp_adapter",
+               "freeze_mm_mlp_adapter", "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "mm_projector_lr",
+               "mm_vision_tower_lr", "tokenizer_padding_side", "tokenizer_model_max_length", "image_grid_pinpoints"}
+
+
+def llava_config(cfg, path=""):
+    """A LLaVA release's config.json (as a dict) -> (LLMConfig of its LLaMA, CLIP tower name, select layer).
+    Vision settings we do not implement are refused by name; so is any unknown mm_* / image_* field."""
+    bad = [f"{k}={cfg.get(k, default)!r}" + ("" if k in cfg else " (absent: LLaVA's default)")
+           for k, (default, ok) in LLAVA_FIELDS.items() if cfg.get(k, default) not in ok]
+    unknown = sorted(k for k in cfg if k.startswith(("mm_", "image_")) and k not in {*LLAVA_FIELDS, *LLAVA_OTHER})
+    if bad or unknown:
+        raise ValueError(f"{path}/config.json: not implemented here: {', '.join(bad + unknown)} (implemented: "
+                         + ", ".join(f"{k} in {ok}" for k, (_, ok) in LLAVA_FIELDS.items()) + ")")
+    for k in ("mm_vision_tower", "mm_vision_select_layer"):
+        if k not in cfg:
+            raise ValueError(f"{path}/config.json has no {k}: not a LLaVA release config")
+    return LLMConfig.from_hf({**cfg, "model_type": "llama"}), cfg["mm_vision_tower"], cfg["mm_vision_select_layer"]
+
+
+def convert_to_safetensors(path):
+    """Rewrite a directory's pytorch_model*.bin files (read with torch.load(weights_only=True)) as
+    model-*.safetensors shards plus model.safetensors.index.json, each written to a temporary name and renamed.
+    The .bin files are left in place; loaders prefer the safetensors from then on."""
+    from safetensors.torch import save_file
+    bins = sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
+    if not bins:
+        raise FileNotFoundError(f"{path}: no pytorch_model*.bin files to convert")
+    weight_map, n = {}, len(bins)
+    for i, name in enumerate(bins, 1):
+        state, seen = _read_pickle(os.path.join(path, name)), set()
+        out = {}
+        for k, t in state.items():   # safetensors refuses tensors that share memory: copy the second one
+            ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+            out[k] = t.contiguous() if ptr not in seen else t.clone()
+            seen.add(ptr)
+        shard = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(out, os.path.join(path, shard + ".tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(path, shard + ".tmp"), os.path.join(path, shard))
+        weight_map.update({k: shard for k in out})
+        print(f"{name} -> {shard} ({len(out)} tensors)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    with open(index + ".tmp", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    os.replace(index + ".tmp", index)
+
+
+# -----------------------------------------------------------------------------
 # Tokenizer: SentencePiece (LLaMA-2/Vicuna), tiktoken files (LLaMA-3) and byte-level BPE
 # (GPT-2, Phi-1.5, Qwen2, tokenizer.json of LLaMA-3) behind one small class.
 # Byte-level BPE runs on tiktoken: its merge-by-rank loop equals HF's merge-by-merge-index loop once
@@ -736,6 +889,7 @@ class Tokenizer:
         self._parsed = parsed
         self._parsed_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(parsed, key=len, reverse=True))
                                      + ")") if parsed else None
+        self._sp_cont = None                                      # SentencePiece without the dummy prefix
         self.bos_id = self.eos_id = self.pad_id = None
         self.eos_ids = []
 
@@ -810,6 +964,12 @@ class Tokenizer:
         tok._sp_byte = [int(sp.id_to_piece(i)[3:5], 16) if types[i] == 6 else None for i in range(n)]
         tok._sp_text = [sp.id_to_piece(i).replace("\u2581", " ") for i in range(n)]
         tok._strip_space = add_dummy_prefix
+        # The same model without the dummy prefix, for text that continues a sequence (encode(prefix=False)).
+        # Protobuf merges a repeated message field, so one appended normalizer_spec {add_dummy_prefix: false}
+        # (field 3 {field 3 = 0}) overrides just that flag.
+        if add_dummy_prefix:
+            tok._sp_cont = sentencepiece.SentencePieceProcessor()
+            tok._sp_cont.LoadFromSerializedProto(data + b"\x1a\x02\x18\x00")
         tok._defaults = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
         return tok
 
@@ -920,7 +1080,10 @@ class Tokenizer:
                 self._id_to_special.setdefault(i, _token_content(s))
 
     # ---- encode / decode
-    def encode(self, text: str, bos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, prefix: bool = True) -> list[int]:
+        """prefix=False: text that continues a sequence, e.g. after a special token, gets no SentencePiece dummy
+        prefix "▁" (what HF's LLaMA tokenizers with legacy=False do to the text after a special token). Byte-level
+        BPE has no dummy prefix: there it changes nothing."""
         if bos and self.bos_id is None:
             raise ValueError("encode(bos=True): this tokenizer has no bos token")
         ids = [self.bos_id] if bos else []
@@ -929,12 +1092,12 @@ class Tokenizer:
             if k % 2:                                      # odd chunks are the added tokens that re.split kept
                 ids.append(self._parsed[chunk])
             elif chunk:
-                ids.extend(self._encode_plain(chunk))
+                ids.extend(self._encode_plain(chunk, prefix))
         return ids
 
-    def _encode_plain(self, text):
+    def _encode_plain(self, text, prefix=True):
         if self._sp is not None:
-            return self._sp.encode(text)
+            return (self._sp if prefix or self._sp_cont is None else self._sp_cont).encode(text)
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
         ranks = self._enc.encode_ordinary(text)
@@ -985,7 +1148,12 @@ if __name__ == "__main__":
     p.add_argument("--preset", default="tiny")
     p.add_argument("--prompt", default="The capital of France is", help="text (needs --ckpt with a tokenizer)")
     p.add_argument("--max_new_tokens", type=int, default=16)
+    p.add_argument("--to_safetensors", default=None, metavar="DIR",
+                   help="convert DIR's pytorch_model*.bin (a LLaVA release) to safetensors and exit")
     args = p.parse_args()
+    if args.to_safetensors:
+        convert_to_safetensors(args.to_safetensors)
+        raise SystemExit
     torch.manual_seed(0)
     model = LLM.from_pretrained(args.ckpt) if args.ckpt else LLM(LLMConfig.preset(args.preset)).eval()
     print(f"{model.config}\n{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

@@ -405,6 +405,36 @@ def hf_to_ours(hf_key: str) -> str:
     return hf_key  # no match: reported as unexpected by the caller
 
 
+def tower_key(rest: str) -> str:
+    """The rest of a CLIP `vision_model.` key inside a multimodal release -> our key under the model's `vit`."""
+    return "vit." + hf_to_ours(rest)
+
+
+CLIP_L_336 = "clip-vit-large-patch14-336"   # the tower of LLaVA-1.5 and INF-LLaVA, by its hub name
+
+
+def release_tower(name, vit_dir, inside, where, dtype=None):
+    """(ViTConfig, ViT or None) for the CLIP tower a LLaVA-style release names (mm_vision_tower). When the
+    release holds the tower's weights (`inside`) they are loaded with the rest, and only the config is needed:
+    from vit_dir, or the preset for CLIP-L/336; otherwise the weights come from vit_dir (or from `name` when that
+    is a local directory). LLaVA's own builder reloads the tower from `name` whatever the checkpoint holds: the
+    same frozen CLIP weights."""
+    vit_dir = vit_dir or (name if name and os.path.isdir(name) else None)
+    if vit_dir is None:
+        if inside and name and name.rstrip("/").endswith(CLIP_L_336):
+            return ViTConfig.preset("clip-vit-l-14-336"), None
+        raise ValueError(f"{where} names the vision tower {name!r}" + ("" if inside else " and holds no tower "
+                         "weights") + ": pass its CLIP directory (vit=DIR, --vit DIR)")
+    if inside:
+        cfg_file = os.path.join(vit_dir, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"no config.json in {vit_dir!r}: expected an HF CLIP checkpoint directory")
+        with open(cfg_file) as f:
+            return ViT.config_from_hf(json.load(f), vit_dir), None
+    tower = ViT.from_pretrained(vit_dir, dtype)
+    return tower.config, tower
+
+
 def safetensors_files(path: str) -> dict[str, list[str]]:
     """{file: [keys]} of an HF checkpoint directory, following model.safetensors.index.json for shards."""
     index = os.path.join(path, "model.safetensors.index.json")
