@@ -9,6 +9,7 @@ HIRE has no public code. Where the paper is silent we follow LLaVA-1.5 (projecto
 JBULearnedRange (the enriching layer) and S2's s2wrapper (the baseline), and say so in a comment.
 """
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -282,20 +283,12 @@ def apply_kernel(x, kernel, radius):
     return FusedAdaptiveConv.apply(F.pad(x, [radius] * 4, mode="reflect"), kernel, radius)
 
 
-def pool_kernel(kernel, grid, radius):
-    """Fold an s x s average pool into the per-pixel kernel before it (s = H / h): pool(apply_kernel(x, k))[P] =
-    sum over the (s+2r)^2 window of block P in the padded x of the returned weights. (B, (s+2r)^2, h*w)."""
-    B, _, H, W = kernel.shape
-    (h, w), d = grid, 2 * radius + 1
-    s, L = H // h, H // h + 2 * radius
-    k = kernel.reshape(B, d, d, h, s, w, s).permute(0, 3, 5, 1, 2, 4, 6)  # (B, h, w, d, d, s, s)
-    # tap t = (i, j) of output pixel (y, x) of block P reads window position (i + y, j + x). (unbind, not k[..., i, j]:
-    # its backward is one stack, not a zero-filled copy of k per tap)
-    taps = k.flatten(3, 4).unbind(3)
-    win = sum(F.pad(taps[t], (t % d, L - s - t % d, t // d, L - s - t // d)) for t in range(d * d))
-    return win.reshape(B, h * w, L * L).transpose(1, 2) / (s * s)  # (B, L*L, h*w), F.unfold's layout
-
-
+# The pooled enricher as one matrix. Once the kernels are fixed, J and the pool of Eq. (4) are linear in E(i) and
+# act on every channel alike: pool(J(E))[c] = E[c] @ M, with M (h*w x h*w). Row P of M^T (what output block P reads)
+# is the pool's weights on block P pulled back through the layers: through each adaptive convolution (transposed:
+# every tap scatters back), its reflect padding and its bicubic upsampling (both separable: one matrix per axis).
+# Each block's weights live in a small window of each level (CLIP-L at 672: 28, 20, 17, 15, 15 and 16 pixels wide
+# from 672 down to E(i)), so M costs a few M multiply-adds where pushing maps through J costs tens of G.
 def upsample_matrix(n_in, n_out, radius):
     """(n_out + 2r, n_in): bicubic upsampling n_in -> n_out along one axis (align_corners=False), then reflect
     padding by r, as a matrix (fp64, CPU). Both are separable, so pad(up(X)) = R X R^T for a map X."""
@@ -304,43 +297,54 @@ def upsample_matrix(n_in, n_out, radius):
     return F.pad(up, (0, 0, radius, radius), mode="reflect").view(n_in, n_out + 2 * radius).T
 
 
-def axis_windows(n_in, n_out, cells, radius, like):
-    """Along one axis, for each of `cells` pooling blocks: the rows of R (upsample_matrix) that the block's padded
-    window reads, cut to the input span they touch. Returns (A (cells, s+2r, L), pad_before, pad_after) such that
-    block c reads input positions [c * n_in/cells, + L) of the input padded by (pad_before, pad_after) zeros.
-    The geometry depends on the sizes only: it is found on the CPU, A then moves to `like`'s device and dtype."""
-    s, step = n_out // cells, n_in // cells
-    R = upsample_matrix(n_in, n_out, radius)
-    rows = torch.stack([R[c * s:c * s + s + 2 * radius] for c in range(cells)])  # (cells, s+2r, n_in)
+@functools.lru_cache(maxsize=128)
+def pull_back_axis(n_in, n_out, radius, starts, length):
+    """One axis of one JBU layer, backwards. Block c's weights cover the padded upsampled map on [starts[c],
+    + length) (padded coordinates). Returns (A (cells, length, L) fp64, the blocks' input windows' starts, L):
+    block c's weights on the layer's input are A[c]^T Z A[c'] on [start, + L). Depends on sizes only (cached)."""
+    R = upsample_matrix(n_in, n_out, radius)  # (n_out + 2r, n_in)
+    lo, hi = max(0, -min(starts)), max(0, max(starts) + length - R.shape[0])
+    R = F.pad(R, (0, 0, lo, hi))  # zero rows: window parts outside the padded map read nothing
+    rows = torch.stack([R[s + lo:s + lo + length] for s in starts])  # (cells, length, n_in)
     used, pos = rows.ne(0).any(1), torch.arange(n_in)
     first = torch.where(used, pos, n_in).min(1).values
     last = torch.where(used, pos, -1).max(1).values
-    starts = step * torch.arange(cells)
-    before = int((starts - first).max().clamp_min(0))
-    L = int((last + 1 - starts + before).max())
-    after = step * (cells - 1) + L - n_in - before  # negative: crop
-    Rp = F.pad(R, (before, max(after, 0)))
-    A = torch.stack([Rp[c * s:c * s + s + 2 * radius, c * step:c * step + L] for c in range(cells)])
-    return A.to(like.device, like.dtype), before, after
+    cells = len(starts)
+    if n_in % cells == 0:  # evenly spaced windows (some reaching past the border): windows() takes strided views
+        step = n_in // cells
+        first = step * torch.arange(cells) - int((step * torch.arange(cells) - first).max())
+    L = int((last + 1 - first).max())
+    lo = max(0, -int(first.min()))
+    rows = F.pad(rows, (lo, L))  # zero columns before the start and past the end
+    A = torch.stack([rows[c, :, f + lo:f + lo + L] for c, f in enumerate(first.tolist())])
+    return A, tuple(first.tolist()), L
 
 
-def fold_upsample(folded, grid, size_in, size_out, radius):
-    """Fold the bicubic upsampling size_in -> size_out that opens the last JBU layer (and its reflect padding) into
-    pool_kernel's weights: pool(apply_kernel(up(x), k)) = the returned weights on L x L windows of x itself,
-    zero-padded by `pad` (F.pad order), one window per block at stride size_in / grid. The last layer then never
-    touches a full-resolution map. Returns (weights (B, L*L, h*w), L, stride, pad)."""
-    (h, w), B = grid, folded.shape[0]
-    if size_in[0] % h or size_in[1] % w:
-        raise ValueError(f"the last JBU layer's input {tuple(size_in)} is not a multiple of the grid {grid}")
-    Ah, top, bottom = axis_windows(size_in[0], size_out[0], h, radius, folded)  # (h, s+2r, L)
-    Aw, left, right = axis_windows(size_in[1], size_out[1], w, radius, folded)
-    L = Ah.shape[-1]
-    if Aw.shape[-1] != L or size_in[0] // h != size_in[1] // w:
-        raise ValueError(f"non-square blocks: input {tuple(size_in)}, output {tuple(size_out)}, grid {grid}")
-    k = folded.view(B, Ah.shape[1], Aw.shape[1], h, w)  # (B, a, b, y, x): tap (a, b) of block (y, x)
-    v = torch.einsum("yai,nabyx->nibyx", Ah, k)
-    v = torch.einsum("nibyx,xbj->nijyx", v, Aw)  # (B, L, L, h, w)
-    return v.reshape(B, L * L, h * w), L, size_in[0] // h, [left, right, top, bottom]
+def windows(t, starts_y, starts_x, Ly, Lx):
+    """t (B, T, H, W) -> (B, T, h, w, Ly, Lx): the window of every block (starts per axis), zero outside."""
+    H, W = t.shape[-2:]
+    p = max(0, -min(starts_y + starts_x), max(starts_y) + Ly - H, max(starts_x) + Lx - W)
+    t = F.pad(t, [p] * 4)
+    step = lambda s: (s[1] - s[0] if len(s) > 1 else 1) if all(b - a == s[1] - s[0] > 0 for a, b in zip(s, s[1:])) else 0
+    sy, sx = step(starts_y), step(starts_x)
+    if sy and sx:  # evenly spaced windows: strided views, no copy
+        t = t[..., starts_y[0] + p:, starts_x[0] + p:]
+        return t.unfold(2, Ly, sy).unfold(3, Lx, sx)[:, :, :len(starts_y), :len(starts_x)]
+    iy = torch.tensor(starts_y, device=t.device)[:, None] + p + torch.arange(Ly, device=t.device)  # (h, Ly)
+    ix = torch.tensor(starts_x, device=t.device)[:, None] + p + torch.arange(Lx, device=t.device)
+    # two index_selects, not one advanced index: their backward is an index_add, not a sorting index_put
+    win = t.index_select(2, iy.flatten()).index_select(3, ix.flatten())
+    return win.view(*t.shape[:2], len(starts_y), Ly, len(starts_x), Lx).transpose(3, 4)
+
+
+def conv_transpose_windows(w, k, radius):
+    """The adaptive convolution transposed, per block window: w (B, h, w, Ly, Lx) weights on the output, k (B, d*d,
+    h, w, Ly, Lx) the kernel at those pixels -> (B, h, w, Ly+2r, Lx+2r) weights on the padded input window. Each
+    tap scatters back to where it read: F.fold (col2im) sums exactly that."""
+    d, (B, h, ww, Ly, Lx) = 2 * radius + 1, w.shape
+    taps = (w.unsqueeze(3) * k.permute(0, 2, 3, 1, 4, 5)).reshape(B * h * ww, d * d, Ly * Lx)
+    z = F.fold(taps, (Ly + 2 * radius, Lx + 2 * radius), kernel_size=d)  # (B*h*w, 1, Ly+2r, Lx+2r)
+    return z.view(B, h, ww, Ly + 2 * radius, Lx + 2 * radius)
 
 
 class JBU(nn.Module):
@@ -420,51 +424,64 @@ class Enricher(nn.Module):
         return [layer.kernel(g) for layer, g in zip(self.jbu, self.guides(image, grid))]
 
     def propagate(self, x, kernels):
-        """pool(J(x)) with the kernels fixed. Every op acts on each channel alike, so channels go through the
-        stack `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps, not C of them.
-        The last layer never runs at full resolution: the average pool is folded into its kernel (pool_kernel),
-        and the bicubic upsampling before it into those weights (fold_upsample)."""
-        h, w = x.shape[-2:]
-        r = self.jbu[0].radius
-        size_in = kernels[-2].shape[-2:] if len(kernels) > 1 else (h, w)
-        folded = pool_kernel(kernels[-1], (h, w), r)  # (B, (s+2r)^2, h*w) on the padded top map
-        folded, L, step, pad = fold_upsample(folded, (h, w), size_in, kernels[-1].shape[-2:], r)  # (B, L*L, h*w)
+        """pool(J(x)) with the kernels fixed, the plain way: every layer at full size, then the average pool.
+        Channels go through `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps."""
+        r, grid = self.jbu[0].radius, x.shape[-2:]
 
-        def stack(xc, folded, *ks):
+        def stack(xc, *ks):
             for k in ks:
                 xc = F.interpolate(xc, size=k.shape[-2:], mode="bicubic", align_corners=False)
                 xc = apply_kernel(xc, k, r)
-            cols = F.unfold(F.pad(xc, pad), kernel_size=L, stride=step)
-            cols = cols.view(xc.shape[0], xc.shape[1], L * L, h * w)  # (B, c, L*L, h*w): each block's window
-            return torch.einsum("bclp,blp->bcp", cols, folded).view(*xc.shape[:2], h, w)
+            return F.adaptive_avg_pool2d(xc, grid)
 
         outs = []
         for xc in x.split(self.chunk, dim=1):
             if torch.is_grad_enabled() and x.shape[1] > self.chunk:
-                outs.append(checkpoint(stack, xc, folded, *kernels[:-1], use_reentrant=False))
+                outs.append(checkpoint(stack, xc, *kernels, use_reentrant=False))
             else:
-                outs.append(stack(xc, folded, *kernels[:-1]))
+                outs.append(stack(xc, *kernels))
         return torch.cat(outs, dim=1)
 
-    def forward(self, image, feats, path="auto"):
+    def response(self, kernels, grid):
+        """M (B, h*w, h*w), M[b, P, n] = what pooled output block P takes from E(i) at n: the pool's weights pulled
+        back through the JBU layers, block by block, each in its own window (see pull_back_axis)."""
+        (h, w), r, top = grid, self.jbu[0].radius, kernels[-1].shape[-2:]
+        if top[0] % h or top[1] % w:
+            raise ValueError(f"the last JBU layer's output {tuple(top)} does not split into the {h}x{w} pool blocks")
+        sy, sx = top[0] // h, top[1] // w
+        ys, xs, Ly, Lx = tuple(range(0, top[0], sy)), tuple(range(0, top[1], sx)), sy, sx
+        wt = kernels[-1].new_full((kernels[-1].shape[0], h, w, sy, sx), 1 / (sy * sx))  # the average pool
+        for i in reversed(range(len(kernels))):
+            k = kernels[i]
+            z = conv_transpose_windows(wt, windows(k, ys, xs, Ly, Lx), r)  # on the padded upsampled map
+            size_in = kernels[i - 1].shape[-2:] if i else grid
+            Ay, ys, Ly = pull_back_axis(size_in[0], k.shape[-2], r, ys, Ly + 2 * r)
+            Ax, xs, Lx = pull_back_axis(size_in[1], k.shape[-1], r, xs, Lx + 2 * r)
+            wt = torch.einsum("yai,nyxab->nyxib", Ay.to(z), z)  # through the bicubic upsampling and padding
+            wt = torch.einsum("nyxib,xbj->nyxij", wt, Ax.to(z))  # (B, h, w, Ly, Lx) on layer i's input
+        # place each block's window on E(i)'s grid (padded by p so that every window fits)
+        p = max(0, -min(ys + xs), max(ys) + Ly - h, max(xs) + Lx - w)
+        iy = torch.tensor(ys, device=wt.device)[:, None] + p + torch.arange(Ly, device=wt.device)
+        ix = torch.tensor(xs, device=wt.device)[:, None] + p + torch.arange(Lx, device=wt.device)
+        by, bx = torch.arange(h, device=wt.device), torch.arange(w, device=wt.device)
+        M = wt.new_zeros(wt.shape[0], h, w, h + 2 * p, w + 2 * p)
+        M[:, by[:, None, None, None], bx[None, :, None, None], iy[:, None, :, None], ix[None, :, None, :]] = wt
+        return M[..., p:p + h, p:p + w].reshape(-1, h * w, h * w)
+
+    def forward(self, image, feats, path="basis"):
         """image (B, 3, S, S) = I; feats (B, C, h, w) = E(i). Returns pool(x_en) (B, C, h, w).
 
-        path "direct" runs the C feature channels through J. path "basis" uses that J and the pooling are linear
-        in E(i) once the guidance is fixed, with the same weights for every channel: pool(J(E))[c] = M E[c] with
-        M (h*w x h*w) the response to the h*w one-hot inputs. Exact, and cheaper when h*w < C (576 < 1024 for
-        CLIP-L). "auto" picks the cheaper."""
+        path "basis" (default): pool(J(E))[c] = M E[c], M from response(), then one einsum over the channels.
+        path "direct": the C channels through J at full size (what FeatUp does; tens of G multiply-adds at 672,
+        kept as the plain reading and the check of "basis")."""
         B, C, h, w = feats.shape
         kernels = self.kernels(image, (h, w))
-        if path == "auto":
-            path = "basis" if h * w < C else "direct"
         if path == "direct":
             return self.propagate(feats, kernels)
         if path != "basis":
-            raise ValueError(f"unknown enricher path {path!r}: 'direct', 'basis' or 'auto'")
-        N = h * w
-        eye = torch.eye(N, dtype=feats.dtype, device=feats.device).view(1, N, h, w).expand(B, N, h, w)
-        M = self.propagate(eye, kernels).flatten(2)  # (B, N_in, N_out): M[b, n, p] = response at p to one-hot n
-        return torch.einsum("bcn,bnp->bcp", feats.flatten(2), M).view(B, C, h, w)
+            raise ValueError(f"unknown enricher path {path!r}: 'basis' or 'direct'")
+        M = self.response(kernels, (h, w))  # (B, P, n)
+        return torch.einsum("bcn,bpn->bcp", feats.flatten(2), M).view(B, C, h, w)
 
 
 # ----------------------------------------------------------------------------- S2's crops

@@ -129,24 +129,25 @@ def test_five_layer_stack_pools_back_to_24(sizes):
         assert out.shape == (1, 2, 24, 24)
 
 
-@pytest.mark.parametrize("sizes", ["decoder", "doubling"])
-def test_basis_and_folded_paths_equal_direct_computation(sizes):
-    """pool(J(E)) three ways: naive (every layer at full size, then pool), direct (channel chunks, pool and the last
-    upsampling folded into the last kernel), basis (h*w one-hot responses M, then E @ M). Forward and parameter
-    gradients."""
+@pytest.mark.parametrize("sizes,S,g,layers", [("decoder", 32, 2, 3), ("doubling", 32, 2, 3), ("decoder", 112, 4, 5)])
+def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers):
+    """pool(J(E)) three ways: naive (unfold/einsum JBU layers at full size, then pool), direct (fused layers, channel
+    chunks), basis (the pool pulled back through J block by block into M, then E @ M). Forward and parameter
+    gradients. The last case has CLIP-L at 672's geometry in small (grid 4, layers at 7, 14, 28, 56, 112: the first
+    two not multiples of the grid, so blocks' windows there are unevenly spaced)."""
     torch.manual_seed(0)
-    enr = hire.Enricher(small_enricher_config(jbu_sizes=sizes))
-    image, feats = torch.randn(2, 3, 32, 32), torch.randn(2, 6, 2, 2)  # 4 positions < 6 channels
+    enr = hire.Enricher(small_enricher_config(jbu_sizes=sizes, jbu_layers=layers))
+    image, feats = torch.randn(2, 3, S, S), torch.randn(2, 6, g, g)
 
     def naive():
         x = feats
-        for layer, g in zip(enr.jbu, enr.guides(image, (2, 2))):
-            x = naive_jbu(layer, x, g)
-        return F.adaptive_avg_pool2d(x, (2, 2))
+        for layer, guide in zip(enr.jbu, enr.guides(image, (g, g))):
+            x = naive_jbu(layer, x, guide)
+        return F.adaptive_avg_pool2d(x, (g, g))
 
-    w = torch.randn(2, 6, 2, 2)
+    w = torch.randn(2, 6, g, g)
     results = []
-    for fn in (naive, lambda: enr(image, feats, "direct"), lambda: enr(image, feats, "basis")):
+    for fn in (naive, lambda: enr(image, feats, "direct"), lambda: enr(image, feats)):
         out = fn()
         results.append((out, torch.autograd.grad((out * w).sum(), list(enr.parameters()))))
     for out, grads in results[1:]:
