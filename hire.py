@@ -44,7 +44,8 @@ class HIREConfig:
     enricher: str = "hire"  # "hire" | "s2" | "none"
     vit_layer: int = -2  # LLaVA-1.5: penultimate ViT layer, class token dropped
     s2_scales: list[int] = field(default_factory=lambda: [336, 672, 1008])
-    # the enricher (Sec. 2.2); sizes chosen to land on the paper's ~0.25 M parameters for any ViT width
+    # the enricher (Sec. 2.2). The paper gives no widths, only "5 stages", "5 JBU layers" and "only 250k parameters";
+    # ours: 0.230 M for any ViT width (HIRE.describe prints it; tests/test_hire.py counts it)
     unet_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 64, 64])  # encoder at 1 .. 1/16
     guide_dim: int = 32  # UNet decoder width = guidance channels of every JBU layer
     jbu_layers: int = 5
@@ -64,12 +65,18 @@ class HIREConfig:
         presets = {
             "paper": lambda: HIREConfig(),  # CLIP-L/336 + Vicuna-7B-v1.5, I at 672 (Table 3)
             "paper-1008": lambda: HIREConfig(image_size=1008),  # Table 1's 1008 row
+            # Table 1, row by row (first-token FLOPs: flops.py)
+            "llava-336": lambda: HIREConfig(enricher="none"),
+            "s2-672": lambda: HIREConfig(enricher="s2", s2_scales=[336, 672]),
+            "s2-1008": lambda: HIREConfig(enricher="s2", s2_scales=[336, 672, 1008]),
+            "hire-672": lambda: HIREConfig(image_size=672),
+            "hire-1008": lambda: HIREConfig(image_size=1008),
             "qwen": lambda: HIREConfig(llm=qwen7b),
             # spec.md's shared tiny sizes: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
             # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
             # 1 px of 128), half-width UNet and keys (0.05 M), and 4 JBU layers, not 5, taking E(i) (8 x 8) to
-            # 128 = the input size, as Eq. (1) says ("up to the original image size"). With the paper's shape
-            # (7x7, full widths) a tiny HIRE training step takes 2.0x the CPU time (1.29 vs 0.64 s)
+            # 128 = the input size, as Eq. (1) says ("up to the original image size"). The two readings of the
+            # stack's sizes agree here: the 4 finest decoder maps (S/8 ... S = 16 ... 128) are 8 * 2^k
             "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
                                        s2_scales=[64, 128, 192], unet_widths=[8, 16, 32, 32, 32], guide_dim=16,
                                        jbu_layers=4, jbu_radius=1, jbu_key_dim=16),
@@ -89,13 +96,16 @@ class HIREConfig:
 class UNet(nn.Module):
     """U of Eq. (2): an encoder of 5 stages at 1, 1/2, 1/4, 1/8, 1/16 of I and a decoder of the same depth with
     skip connections back to full resolution. Its decoder maps, coarse to fine, guide the JBU layers.
-    The paper gives no widths; one 3x3 conv per stage keeps the whole enricher at its ~0.25 M parameters."""
+    The paper says only "a standard UNet" with these 5 scales and ~250k parameters for the enricher. Our choices:
+    one 3x3 conv + ReLU per stage (a "standard" UNet has two; one keeps the enricher at 0.230 M), no normalisation
+    layers, max-pooling down and bilinear upsampling up (no transposed convs), and a 1x1 bottleneck conv without
+    activation that maps the coarsest encoder stage to the guide width and is itself the coarsest guide."""
 
     def __init__(self, widths: list[int], guide_dim: int):
         super().__init__()
         chans = [3] + list(widths)
         self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU()) for a, b in zip(chans, widths))
-        self.bottleneck = nn.Conv2d(widths[-1], guide_dim, 1)
+        self.bottleneck = nn.Conv2d(widths[-1], guide_dim, 1)  # ours: 1x1, no activation; the coarsest guide
         self.up = nn.ModuleList(nn.Sequential(nn.Conv2d(guide_dim + w, guide_dim, 3, padding=1), nn.ReLU())
                                 for w in reversed(widths[:-1]))
 
@@ -107,7 +117,7 @@ class UNet(nn.Module):
         d = self.bottleneck(x)  # (B, G, S/16, S/16)
         guides = [d]
         for stage, skip in zip(self.up, reversed(skips[:-1])):
-            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)  # ours: bilinear
             d = stage(torch.cat([d, skip], dim=1))
             guides.append(d)
         return guides  # 5 maps, S/16 ... S
@@ -398,7 +408,7 @@ class Enricher(nn.Module):
     JBUStack): each layer doubles, 24 -> 768 at every input size, with its guide resized to that size by adaptive
     average pooling as FeatUp's JBUStack does. FeatUp ends its stack with a residual 1x1 conv over the C channels;
     we leave it out: after pooling it is a CxC linear map that the projector's first Linear already spans, and at
-    C = 1024 it alone would be 1 M of the paper's 0.25 M."""
+    C = 1024 it alone would be 1 M, four times the paper's whole enricher."""
 
     def __init__(self, cfg: HIREConfig):
         super().__init__()

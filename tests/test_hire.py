@@ -156,6 +156,38 @@ def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_tiny_preset_sizes_agree_under_both_readings():
+    """The tiny preset's 4 JBU layers take E(i) (8 x 8) to the 128-px input: the decoder's S/8 ... S are 8 * 2^k, so
+    the paper's reading and FeatUp's doubling give the same layers, and the same output."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(hire.HIREConfig.preset("tiny"), jbu_dropout=0.0)
+    enr = hire.Enricher(cfg).eval()
+    image, feats = torch.randn(1, 3, 128, 128), torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64, 128]
+        out = enr(image, feats)
+        enr.sizes = "doubling"
+        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64, 128]
+        torch.testing.assert_close(enr(image, feats), out, rtol=1e-5, atol=1e-6)
+
+
+def test_table1_presets():
+    """A preset for every row of HIRE Table 1: the variant, the pixels it takes, and its first-token cost (flops.py)
+    next to the paper's TFLOPs."""
+    import flops
+    rows = {"llava-336": ("none", 336, 4.278), "s2-672": ("s2", 672, 5.013), "hire-672": ("hire", 672, 4.296),
+            "s2-1008": ("s2", 1008, 6.664), "hire-1008": ("hire", 1008, 4.317)}
+    for name, (enricher, size, paper) in rows.items():
+        c = hire.resolve_config(hire.HIREConfig.preset(name))
+        assert (c.enricher, c.image_size) == (enricher, size), name
+        cost = {"none": lambda: flops.llava(), "s2": lambda: flops.s2(size),
+                "hire": lambda: flops.hire(size, enricher=c)}[enricher]()
+        assert abs(cost.fvcore / 1e12 - paper) < 2e-3 * paper, name
+        if enricher == "s2":
+            assert c.s2_scales == flops.s2_scales(size, 336)
+    assert hire.HIREConfig.preset("s2-672").s2_scales == [336, 672]
+
+
 def test_enricher_parameter_count_clip_l():
     cfg = hire.HIREConfig.preset("paper")
     n = sum(p.numel() for p in hire.Enricher(cfg).parameters())
