@@ -330,13 +330,18 @@ def pull_back_axis(n_in, n_out, radius, starts, length):
     return A, tuple(first.tolist()), L
 
 
+def even_step(starts):
+    """The common step of evenly spaced starts (1 for a single one), else 0."""
+    steps = {b - a for a, b in zip(starts, starts[1:])} or {1}
+    return steps.pop() if len(steps) == 1 and min(steps) > 0 else 0
+
+
 def windows(t, starts_y, starts_x, Ly, Lx):
     """t (B, T, H, W) -> (B, T, h, w, Ly, Lx): the window of every block (starts per axis), zero outside."""
     H, W = t.shape[-2:]
     p = max(0, -min(starts_y + starts_x), max(starts_y) + Ly - H, max(starts_x) + Lx - W)
     t = F.pad(t, [p] * 4)
-    step = lambda s: (s[1] - s[0] if len(s) > 1 else 1) if all(b - a == s[1] - s[0] > 0 for a, b in zip(s, s[1:])) else 0
-    sy, sx = step(starts_y), step(starts_x)
+    sy, sx = even_step(starts_y), even_step(starts_x)
     if sy and sx:  # evenly spaced windows: strided views, no copy
         t = t[..., starts_y[0] + p:, starts_x[0] + p:]
         return t.unfold(2, Ly, sy).unfold(3, Lx, sx)[:, :, :len(starts_y), :len(starts_x)]
