@@ -52,7 +52,7 @@ class HIREConfig:
     jbu_radius: int = 3  # FeatUp: 7x7 kernels
     jbu_key_dim: int = 32  # FeatUp
     jbu_dropout: float = 0.1  # FeatUp's Dropout2d in the range and fix-up projections
-    jbu_chunk: int = 64  # channels pushed through the JBU stack at a time (memory, not maths)
+    jbu_chunk: int = 64  # path="direct": channels pushed through the JBU stack at a time (memory, not maths)
     # JBU output sizes: "decoder" = the UNet decoder's S/16 ... S (x_en at the image size, Eq. 1; the paper's
     # reading), "doubling" = FeatUp's 2x per layer from E(i) (24 -> 768 at any S). See Enricher.
     jbu_sizes: str = "decoder"

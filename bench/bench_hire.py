@@ -14,7 +14,8 @@ LM, batch 8): greedy answers to the same 200 synthetic questions (8 new tokens e
 generates the same tokens' worth), and an alignment-stage training step (forward, backward, AdamW).
 Every variant runs once per round, the rounds interleaved (fair under shared load); medians over the rounds with
 their min-max, wall time and this process's CPU time (steadier on a shared machine: waiting for a core is not
-counted). Peak memory is the rise of the resident high-water mark over a call (Linux clear_refs).
+counted). Peak memory is the rise of the resident high-water mark over a call (Linux clear_refs); 0 where the
+call fits in memory that earlier rounds left with the process.
 """
 import argparse
 import os
