@@ -123,7 +123,7 @@ def test_five_layer_stack_pools_back_to_24(sizes):
             image = torch.randn(1, 3, size, size)
             assert [g.shape[-1] for g in enr.unet(image)] == [size // 16, size // 8, size // 4, size // 2, size]
             ks = enr.kernels(image, (24, 24))
-            want = [size // 16, size // 8, size // 4, size // 2, size] if sizes == "decoder" else [48, 96, 192, 384, 768]
+            want = [size >> k for k in (4, 3, 2, 1, 0)] if sizes == "decoder" else [48, 96, 192, 384, 768]
             assert [k.shape[-1] for k in ks] == want
             out = enr(image, torch.randn(1, 2, 24, 24))
         assert out.shape == (1, 2, 24, 24)
