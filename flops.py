@@ -19,6 +19,7 @@ Attention is counted in full (T x T), as both counters do, although a causal ker
 """
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -252,7 +253,7 @@ def s2_vit_calls(resolution, tile=336):
 
 # hire.HIREConfig's enricher fields (the paper gives only "5 stages", "5 JBU layers" and ~0.25 M parameters)
 ENRICHER = SimpleNamespace(unet_widths=(16, 32, 64, 64, 64), guide_dim=32, jbu_layers=5, jbu_radius=3,
-                           jbu_key_dim=32)
+                           jbu_key_dim=32, jbu_sizes="decoder")
 
 
 def conv(hw, c_in, c_out, k=1):
@@ -293,32 +294,67 @@ def jbu_apply(hw, channels, radius):
     return Cost(unseen=hw * channels * (16 + k2))
 
 
-def jbu_last_pooled(grid, layers, channels, radius):
-    """The last JBU layer and the average pool of Eq. (4) fused, as hire.py does: each of the grid^2 pooled outputs
-    is one (s + 2r)^2 window (s = 2^layers) of the upsampled map weighted by the pooled kernel: an einsum that
-    counters see. The bicubic upsampling to s*grid (16 taps) and folding the kernel (k^2 per pixel) are unseen."""
-    s, k2 = 1 << layers, (2 * radius + 1) ** 2
-    hw = (grid * s) ** 2
-    return linear(grid * grid, channels, (s + 2 * radius) ** 2) + Cost(unseen=hw * channels * 16 + hw * k2)
+def pull_back_axis(n_in, n_out, radius, starts, length):
+    """hire.pull_back_axis's geometry: block c's window [starts[c], + length) of the reflect-padded, bicubic-upsampled
+    map (4 taps per row, clamped at the borders) reads the input on [new_starts[c], + L). Returns (new_starts, L)."""
+    def taps(y):  # y in padded coordinates
+        y -= radius
+        if not -radius <= y < n_out + radius:
+            return []
+        y = -y if y < 0 else 2 * (n_out - 1) - y if y >= n_out else y  # reflect padding
+        f = math.floor((y + 0.5) * n_in / n_out - 0.5)
+        return [min(max(f + o, 0), n_in - 1) for o in (-1, 0, 1, 2)]
+
+    spans = [[t for y in range(s, s + length) for t in taps(y)] for s in starts]
+    first, last = [min(sp) for sp in spans], [max(sp) for sp in spans]
+    if n_in % len(starts) == 0:  # evenly spaced windows, as hire.py makes them
+        step = n_in // len(starts)
+        before = max(step * c - f for c, f in enumerate(first))
+        first = [step * c - before for c in range(len(starts))]
+    return first, max(hi + 1 - lo for lo, hi in zip(first, last))
 
 
-def hire_enricher(S, grid, d, e=ENRICHER, path="auto"):
-    """pool(J(U(I), E(i))) of Eq. (2)-(4) for an S x S image and a grid x grid x d ViT map. J's 5 layers double
-    the map (24 -> 768 for CLIP-L), each guided by a UNet decoder map resized to its output size.
-    path "direct" pushes the d channels through J; "basis" (hire.py's exact shortcut when grid^2 < d) pushes the
-    grid^2 one-hot maps through and mixes the channels with one einsum (d x grid^2 x grid^2), which counters see."""
-    n = grid * grid
-    if path == "auto":
-        path = "basis" if n < d else "direct"
-    channels = n if path == "basis" else d
+def jbu_response(grid, sizes, radius):
+    """hire.Enricher.response: the pool's weights on each block pulled back through the layers, per block window.
+    Per layer: the kernel times the weights and their scatter-back (F.fold; unseen), then two einsums with the
+    upsampling matrices (seen)."""
+    n, k2 = grid * grid, (2 * radius + 1) ** 2
+    s = sizes[-1] // grid
+    starts, L, cost = tuple(range(0, sizes[-1], s)), s, Cost()
+    for i in reversed(range(len(sizes))):
+        size_in = sizes[i - 1] if i else grid
+        cost += Cost(unseen=n * k2 * L * L * 2)
+        starts, L_in = pull_back_axis(size_in, sizes[i], radius, starts, L + 2 * radius)
+        w = L + 2 * radius
+        cost += Cost(mac=n * L_in * w * w + n * L_in * w * L_in)
+        L = L_in
+    return cost
+
+
+def jbu_sizes(S, grid, e):
+    """Output side of each JBU layer: the UNet decoder's S/2^(layers-k) (hire.py's default, the paper's reading)
+    or FeatUp's doubling grid * 2^k."""
+    n = e.jbu_layers
+    if getattr(e, "jbu_sizes", "decoder") == "doubling":
+        return [grid << k for k in range(1, n + 1)]
+    return [S >> (n - k) for k in range(1, n + 1)]
+
+
+def hire_enricher(S, grid, d, e=ENRICHER, path="basis"):
+    """pool(J(U(I), E(i))) of Eq. (2)-(4) for an S x S image and a grid x grid x d ViT map. J's 5 layers output at
+    the UNet decoder's sizes S/16 ... S (24 -> 42 -> ... -> 672 for CLIP-L at 672), each guided by that decoder
+    map. path "basis" (hire.py's default) pulls the pool back through J block by block (jbu_response) into a
+    grid^2 x grid^2 matrix and mixes the channels with one einsum (d x grid^2 x grid^2); "direct" pushes the d
+    channels through every layer at full size, then pools (fvcore: 1 per pooled input element)."""
+    sizes = jbu_sizes(S, grid, e)
     cost = unet(S, e.unet_widths, e.guide_dim)
-    for k in range(1, e.jbu_layers + 1):
-        hw = (grid << k) ** 2
-        cost += jbu_kernel(hw, e.guide_dim, e.jbu_key_dim, e.jbu_radius)
-        if k < e.jbu_layers:
-            cost += jbu_apply(hw, channels, e.jbu_radius)
-    cost += jbu_last_pooled(grid, e.jbu_layers, channels, e.jbu_radius)
-    return cost + (linear(n, n, d) if path == "basis" else Cost())
+    for side in sizes:
+        cost += jbu_kernel(side * side, e.guide_dim, e.jbu_key_dim, e.jbu_radius)
+    if path == "direct":
+        return cost + sum((jbu_apply(side * side, d, e.jbu_radius) for side in sizes), Cost()) + Cost(
+            fv_extra=d * sizes[-1] ** 2)
+    n = grid * grid
+    return cost + jbu_response(grid, sizes, e.jbu_radius) + linear(n, n, d)
 
 
 def hire(resolution, vit_cfg="vit-l-14-336", enricher=ENRICHER, **kw):
@@ -444,10 +480,10 @@ def row(table, name, ours, paper=None, unit="TFLOPs", note=""):
                 rel=None if diff is None else diff / paper, unit=unit, note=note)
 
 
-def adaptive_conv_macs(grid=24, layers=5, channels=1024, radius=3):
+def adaptive_conv_macs(S=672, grid=24, channels=1024, e=ENRICHER):
     """The true cost of the JBU stack's adaptive convolutions run FeatUp's way (every layer, all channels, no
     pooling shortcut): k^2 multiply-adds per output value. fvcore cannot see FeatUp's CUDA kernel."""
-    return sum((grid << k) ** 2 * channels * (2 * radius + 1) ** 2 for k in range(1, layers + 1))
+    return sum(side ** 2 * channels * (2 * e.jbu_radius + 1) ** 2 for side in jbu_sizes(S, grid, e))
 
 
 def hire_table1():
@@ -467,7 +503,8 @@ def hire_table1():
                         implied / 1e9, "GFLOPs", note=f"all MACs {e.macs / 1e9:.1f} G; paper = rows' difference "
                                                        f"(+-1 G from rounding)"))
     rows.append(row("HIRE Table 1", "  JBU adaptive convolutions, FeatUp's way (unseen by fvcore)",
-                    adaptive_conv_macs() / 1e9, None, "GMACs", note="24 -> 768, 1024 channels, 7x7 taps"))
+                    adaptive_conv_macs() / 1e9, None, "GMACs", note="672, 24 -> 42 -> ... -> 672, 1024 channels, "
+                                                                   "7x7 taps"))
     return rows
 
 
@@ -582,13 +619,13 @@ def llm_case(cfg, T, device="meta"):
     return counted(lambda: m(embeds=x)), lm_prefill(T, cfg).torch
 
 
-def enricher_case(S, path="auto"):
+def enricher_case(S, path="basis", sizes="decoder"):
     """(counted, analytic) for the paper-size HIRE enricher (CLIP-L features, 24 x 24 x 1024) at S, on meta. All
     channels go through J in one chunk: chunking saves memory, not FLOPs, and meta tensors hold no memory."""
     import dataclasses
     import torch
     from hire import Enricher, HIREConfig
-    c = dataclasses.replace(HIREConfig.preset("paper"), jbu_chunk=1024)
+    c = dataclasses.replace(HIREConfig.preset("paper"), jbu_chunk=1024, jbu_sizes=sizes)
     with torch.device("meta"):
         m = Enricher(c).eval()
         image, feats = torch.zeros(1, 3, S, S), torch.zeros(1, 1024, 24, 24)

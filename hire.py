@@ -10,6 +10,7 @@ HIRE has no public code. Where the paper is silent we follow LLaVA-1.5 (projecto
 JBULearnedRange (the enriching layer) and S2's s2wrapper (the baseline), and say so in a comment.
 """
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -45,14 +46,18 @@ class HIREConfig:
     enricher: str = "hire"  # "hire" | "s2" | "none"
     vit_layer: int = -2  # LLaVA-1.5: penultimate ViT layer, class token dropped
     s2_scales: list[int] = field(default_factory=lambda: [336, 672, 1008])
-    # the enricher (Sec. 2.2); sizes chosen to land on the paper's ~0.25 M parameters for any ViT width
+    # the enricher (Sec. 2.2). The paper gives no widths, only "5 stages", "5 JBU layers" and "only 250k parameters";
+    # ours: 0.230 M for any ViT width (HIRE.describe prints it; tests/test_hire.py counts it)
     unet_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 64, 64])  # encoder at 1 .. 1/16
     guide_dim: int = 32  # UNet decoder width = guidance channels of every JBU layer
     jbu_layers: int = 5
     jbu_radius: int = 3  # FeatUp: 7x7 kernels
     jbu_key_dim: int = 32  # FeatUp
     jbu_dropout: float = 0.1  # FeatUp's Dropout2d in the range and fix-up projections
-    jbu_chunk: int = 64  # channels pushed through the JBU stack at a time (memory, not maths)
+    jbu_chunk: int = 64  # path="direct": channels pushed through the JBU stack at a time (memory, not maths)
+    # JBU output sizes: "decoder" = the UNet decoder's S/16 ... S (x_en at the image size, Eq. 1; the paper's
+    # reading), "doubling" = FeatUp's 2x per layer from E(i) (24 -> 768 at any S). See Enricher.
+    jbu_sizes: str = "decoder"
 
     @staticmethod
     def preset(name: str) -> "HIREConfig":
@@ -62,12 +67,18 @@ class HIREConfig:
         presets = {
             "paper": lambda: HIREConfig(),  # CLIP-L/336 + Vicuna-7B-v1.5, I at 672 (Table 3)
             "paper-1008": lambda: HIREConfig(image_size=1008),  # Table 1's 1008 row
+            # Table 1, row by row (first-token FLOPs: flops.py)
+            "llava-336": lambda: HIREConfig(enricher="none"),
+            "s2-672": lambda: HIREConfig(enricher="s2", s2_scales=[336, 672]),
+            "s2-1008": lambda: HIREConfig(enricher="s2", s2_scales=[336, 672, 1008]),
+            "hire-672": lambda: HIREConfig(image_size=672),
+            "hire-1008": lambda: HIREConfig(image_size=1008),
             "qwen": lambda: HIREConfig(llm=qwen7b),
             # the tiny sizes every model shares: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
             # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
             # 1 px of 128), half-width UNet and keys (0.05 M), and 4 JBU layers, not 5, taking E(i) (8 x 8) to
-            # 128 = the input size, as Eq. (1) says ("up to the original image size"). With the paper's shape
-            # (7x7, full widths) a tiny HIRE training step takes 2.0x the CPU time (1.29 vs 0.64 s)
+            # 128 = the input size, as Eq. (1) says ("up to the original image size"). The two readings of the
+            # stack's sizes agree here: the 4 finest decoder maps (S/8 ... S = 16 ... 128) are 8 * 2^k
             "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
                                        s2_scales=[64, 128, 192], unet_widths=[8, 16, 32, 32, 32], guide_dim=16,
                                        jbu_layers=4, jbu_radius=1, jbu_key_dim=16),
@@ -87,13 +98,16 @@ class HIREConfig:
 class UNet(nn.Module):
     """U of Eq. (2): an encoder of 5 stages at 1, 1/2, 1/4, 1/8, 1/16 of I and a decoder of the same depth with
     skip connections back to full resolution. Its decoder maps, coarse to fine, guide the JBU layers.
-    The paper gives no widths; one 3x3 conv per stage keeps the whole enricher at its ~0.25 M parameters."""
+    The paper says only "a standard UNet" with these 5 scales and ~250k parameters for the enricher. Our choices:
+    one 3x3 conv + ReLU per stage (a "standard" UNet has two; one keeps the enricher at 0.230 M), no normalisation
+    layers, max-pooling down and bilinear upsampling up (no transposed convs), and a 1x1 bottleneck conv without
+    activation that maps the coarsest encoder stage to the guide width and is itself the coarsest guide."""
 
     def __init__(self, widths: list[int], guide_dim: int):
         super().__init__()
         chans = [3] + list(widths)
         self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU()) for a, b in zip(chans, widths))
-        self.bottleneck = nn.Conv2d(widths[-1], guide_dim, 1)
+        self.bottleneck = nn.Conv2d(widths[-1], guide_dim, 1)  # ours: 1x1, no activation; the coarsest guide
         self.up = nn.ModuleList(nn.Sequential(nn.Conv2d(guide_dim + w, guide_dim, 3, padding=1), nn.ReLU())
                                 for w in reversed(widths[:-1]))
 
@@ -105,7 +119,7 @@ class UNet(nn.Module):
         d = self.bottleneck(x)  # (B, G, S/16, S/16)
         guides = [d]
         for stage, skip in zip(self.up, reversed(skips[:-1])):
-            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)  # ours: bilinear
             d = stage(torch.cat([d, skip], dim=1))
             guides.append(d)
         return guides  # 5 maps, S/16 ... S
@@ -113,8 +127,10 @@ class UNet(nn.Module):
 
 class AdaptiveConv(torch.autograd.Function):
     """out[b,c,h,w] = sum_{i,j} kernel[b, i*d+j, h, w] * xp[b, c, h+i, w+j]  (FeatUp's AdaptiveConv), xp padded by r.
-    Tap by tap, forward and backward: the unfolded (B, C, d*d, H, W) tensor is never built, and the hand-written
-    backward accumulates into one gradient buffer instead of autograd's zero-filled copy per tap (2.4x faster)."""
+    The readable reference: tap by tap over the whole map, forward and backward; the unfolded (B, C, d*d, H, W)
+    tensor is never built, and the hand-written backward accumulates into one gradient buffer instead of
+    autograd's zero-filled copy per tap. At paper sizes each tap streams the whole map through memory (49 passes):
+    the model runs FusedAdaptiveConv, these same loops tile by tile; a test holds the two equal."""
 
     @staticmethod
     def forward(ctx, xp, kernel, radius):
@@ -129,6 +145,10 @@ class AdaptiveConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # Exact. FeatUp's CUDA backward for the kernel weights (adaptive_conv_kernel.cu) indexes the tap as
+        # blockIdx.z * blockIdx.z + threadIdx.z and launches one thread in z, so only taps {0, 1, 4, 9, 16, 25, 36}
+        # of 49 get a gradient (the rest stay zero); emulated on the CPU this moves the JBU parameter gradients by
+        # 42-104%. A model trained with FeatUp's CUDA op trained with that gradient, not this one.
         xp, kernel = ctx.saved_tensors
         d, (H, W) = 2 * ctx.radius + 1, kernel.shape[-2:]
         grad_x = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
@@ -144,7 +164,8 @@ class AdaptiveConv(torch.autograd.Function):
 
 class NeighbourSimilarity(torch.autograd.Function):
     """sim[b, i*d+j, h, w] = <qp[b, :, h+r, w+r], qp[b, :, h+i, w+j]>: each pixel's key against its d x d neighbours'
-    in the padded key map qp, tap by tap, with the same one-buffer backward as AdaptiveConv (4x autograd's)."""
+    in the padded key map qp, tap by tap, with the same one-buffer backward as AdaptiveConv (4x autograd's).
+    The readable reference of FusedNeighbourSimilarity."""
 
     @staticmethod
     def forward(ctx, qp, radius):
@@ -172,24 +193,175 @@ class NeighbourSimilarity(torch.autograd.Function):
         return grad_qp, None
 
 
+# The fused ops: the reference loops above, run on tiles (a band of rows x a chunk of channels) small enough that
+# a tile's input (with its r-row halo) stays in cache while all d*d taps read it. Each neighbourhood then comes from
+# memory once instead of d*d times (49 for FeatUp's 7x7). Same arithmetic, same order per output value; only the
+# backward's accumulation into the overlapping halos changes order. On a GPU one tile is the whole map (the
+# elementwise kernels stream it anyway). A torch.compile of the tap loop fuses it too (on this CPU, one 64 x 336 x 336
+# map, 7x7: compiled 0.072 s, tiled 0.078 s, the reference loop 0.131 s) but costs ~22 s of compiling per shape on
+# the first call and needs a C++ compiler, which torch's CPU wheel does not bring.
+TILE_BYTES = 1 << 20  # a tile's padded input: about one core's L2 cache
+
+
+def tiles(x, rows_out, radius, split_channels=True):
+    """(channel slices, (first row, end row) bands) of x (B, C, rows_out + 2r, Wp) whose tiles' padded slabs hold
+    about TILE_BYTES."""
+    B, C, _, Wp = x.shape
+    if x.device.type != "cpu":
+        return [slice(0, C)], [(0, rows_out)]
+    budget = max(1, TILE_BYTES // (x.element_size() * B * Wp))  # channel-rows per slab
+    c = min(C, max(1, budget // (8 + 2 * radius))) if split_channels else C  # leave room for >= 8 rows
+    rows = max(1, budget // c - 2 * radius)
+    return ([slice(a, a + c) for a in range(0, C, c)],
+            [(h, min(h + rows, rows_out)) for h in range(0, rows_out, rows)])
+
+
+class FusedAdaptiveConv(torch.autograd.Function):
+    """AdaptiveConv tile by tile (see tiles): what the JBU layers run."""
+
+    @staticmethod
+    def forward(ctx, xp, kernel, radius):
+        r, d, (H, W) = radius, 2 * radius + 1, kernel.shape[-2:]
+        out = xp.new_empty(*xp.shape[:2], H, W)
+        chans, bands = tiles(xp, H, r)
+        for h0, h1 in bands:
+            n, k = h1 - h0, kernel[:, :, h0:h1]
+            for cs in chans:
+                x, o = xp[:, cs, h0:h1 + 2 * r], out[:, cs, h0:h1]
+                torch.mul(k[:, :1], x[:, :, :n, :W], out=o)
+                for t in range(1, d * d):
+                    i, j = divmod(t, d)
+                    o.addcmul_(k[:, t:t + 1], x[:, :, i:i + n, j:j + W])
+        ctx.save_for_backward(xp, kernel)
+        ctx.radius = radius
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp, kernel = ctx.saved_tensors  # exact gradient: see the note in AdaptiveConv.backward on FeatUp's CUDA op
+        r, d, (H, W) = ctx.radius, 2 * ctx.radius + 1, kernel.shape[-2:]
+        grad_x = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
+        grad_k = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
+        chans, bands = tiles(xp, H, r)
+        for h0, h1 in bands:
+            n, k = h1 - h0, kernel[:, :, h0:h1]
+            for cs in chans:
+                g, x = grad[:, cs, h0:h1], xp[:, cs, h0:h1 + 2 * r]
+                for t in range(d * d):
+                    i, j = divmod(t, d)
+                    if grad_x is not None:
+                        grad_x[:, cs, h0 + i:h0 + i + n, j:j + W].addcmul_(g, k[:, t:t + 1])
+                    if grad_k is not None:
+                        grad_k[:, t, h0:h1] += (g * x[:, :, i:i + n, j:j + W]).sum(1)
+        return grad_x, grad_k, None
+
+
+class FusedNeighbourSimilarity(torch.autograd.Function):
+    """NeighbourSimilarity band by band (all key channels at once: there are few)."""
+
+    @staticmethod
+    def forward(ctx, qp, radius):
+        r, d = radius, 2 * radius + 1
+        H, W = qp.shape[-2] - 2 * r, qp.shape[-1] - 2 * r
+        sim = qp.new_empty(qp.shape[0], d * d, H, W)
+        for h0, h1 in tiles(qp, H, r, split_channels=False)[1]:
+            n, q = h1 - h0, qp[:, :, h0:h1 + 2 * r]
+            centre = q[:, :, r:r + n, r:r + W]
+            for t in range(d * d):
+                i, j = divmod(t, d)
+                torch.sum(q[:, :, i:i + n, j:j + W] * centre, 1, out=sim[:, t, h0:h1])
+        ctx.save_for_backward(qp)
+        ctx.radius = radius
+        return sim
+
+    @staticmethod
+    def backward(ctx, grad):
+        qp, = ctx.saved_tensors
+        r, d, (H, W) = ctx.radius, 2 * ctx.radius + 1, grad.shape[-2:]
+        grad_qp = torch.zeros_like(qp)
+        for h0, h1 in tiles(qp, H, r, split_channels=False)[1]:
+            n, q, gq, g = h1 - h0, qp[:, :, h0:h1 + 2 * r], grad_qp[:, :, h0:h1 + 2 * r], grad[:, :, h0:h1]
+            centre, grad_centre = q[:, :, r:r + n, r:r + W], gq[:, :, r:r + n, r:r + W]
+            for t in range(d * d):
+                i, j = divmod(t, d)
+                gq[:, :, i:i + n, j:j + W].addcmul_(g[:, t:t + 1], centre)
+                grad_centre.addcmul_(g[:, t:t + 1], q[:, :, i:i + n, j:j + W])
+        return grad_qp, None
+
+
 def apply_kernel(x, kernel, radius):
     """x (B, C, H, W), kernel (B, d*d, H, W) -> (B, C, H, W): each pixel a weighted sum of its reflect-padded
     d x d neighbourhood, weights shared by all channels."""
-    return AdaptiveConv.apply(F.pad(x, [radius] * 4, mode="reflect"), kernel, radius)
+    return FusedAdaptiveConv.apply(F.pad(x, [radius] * 4, mode="reflect"), kernel, radius)
 
 
-def pool_kernel(kernel, grid, radius):
-    """Fold an s x s average pool into the per-pixel kernel before it (s = H / h): pool(apply_kernel(x, k))[P] =
-    sum over the (s+2r)^2 window of block P in the padded x of the returned weights. (B, (s+2r)^2, h*w)."""
-    B, _, H, W = kernel.shape
-    (h, w), d = grid, 2 * radius + 1
-    s, L = H // h, H // h + 2 * radius
-    k = kernel.reshape(B, d, d, h, s, w, s).permute(0, 3, 5, 1, 2, 4, 6)  # (B, h, w, d, d, s, s)
-    # tap t = (i, j) of output pixel (y, x) of block P reads window position (i + y, j + x). (unbind, not k[..., i, j]:
-    # its backward is one stack, not a zero-filled copy of k per tap)
-    taps = k.flatten(3, 4).unbind(3)
-    win = sum(F.pad(taps[t], (t % d, L - s - t % d, t // d, L - s - t // d)) for t in range(d * d))
-    return win.reshape(B, h * w, L * L).transpose(1, 2) / (s * s)  # (B, L*L, h*w), F.unfold's layout
+# The pooled enricher as one matrix. Once the kernels are fixed, J and the pool of Eq. (4) are linear in E(i) and
+# act on every channel alike: pool(J(E))[c] = M E[c], with M (h*w x h*w). Row P of M (what output block P reads)
+# is the pool's weights on block P pulled back through the layers: through each adaptive convolution (transposed:
+# every tap scatters back), its reflect padding and its bicubic upsampling (both separable: one matrix per axis).
+# Each block's weights live in a small window of each level (CLIP-L at 672: 28, 20, 17, 15, 14 and 18 pixels wide
+# from 672 down to E(i)), so M costs 0.16 G multiply-adds where pushing the 1024 channels through J costs 30 G.
+def upsample_matrix(n_in, n_out, radius):
+    """(n_out + 2r, n_in): bicubic upsampling n_in -> n_out along one axis (align_corners=False), then reflect
+    padding by r, as a matrix (fp64, CPU). Both are separable, so pad(up(X)) = R X R^T for a map X."""
+    eye = torch.eye(n_in, dtype=torch.float64).view(1, n_in, n_in, 1)  # the basis vectors as channels
+    up = F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=False)
+    return F.pad(up, (0, 0, radius, radius), mode="reflect").view(n_in, n_out + 2 * radius).T
+
+
+@functools.lru_cache(maxsize=128)
+def pull_back_axis(n_in, n_out, radius, starts, length):
+    """One axis of one JBU layer, backwards. Block c's weights cover the padded upsampled map on [starts[c],
+    + length) (padded coordinates). Returns (A (cells, length, L) fp64, the blocks' input windows' starts, L):
+    block c's weights on the layer's input are A[c]^T Z A[c'] on [start, + L). Depends on sizes only (cached)."""
+    R = upsample_matrix(n_in, n_out, radius)  # (n_out + 2r, n_in)
+    lo, hi = max(0, -min(starts)), max(0, max(starts) + length - R.shape[0])
+    R = F.pad(R, (0, 0, lo, hi))  # zero rows: window parts outside the padded map read nothing
+    rows = torch.stack([R[s + lo:s + lo + length] for s in starts])  # (cells, length, n_in)
+    used, pos = rows.ne(0).any(1), torch.arange(n_in)
+    first = torch.where(used, pos, n_in).min(1).values
+    last = torch.where(used, pos, -1).max(1).values
+    cells = len(starts)
+    if n_in % cells == 0:  # evenly spaced windows (some reaching past the border): windows() takes strided views
+        step = n_in // cells
+        first = step * torch.arange(cells) - int((step * torch.arange(cells) - first).max())
+    L = int((last + 1 - first).max())
+    lo = max(0, -int(first.min()))
+    rows = F.pad(rows, (lo, L))  # zero columns before the start and past the end
+    A = torch.stack([rows[c, :, f + lo:f + lo + L] for c, f in enumerate(first.tolist())])
+    return A, tuple(first.tolist()), L
+
+
+def even_step(starts):
+    """The common step of evenly spaced starts (1 for a single one), else 0."""
+    steps = {b - a for a, b in zip(starts, starts[1:])} or {1}
+    return steps.pop() if len(steps) == 1 and min(steps) > 0 else 0
+
+
+def windows(t, starts_y, starts_x, Ly, Lx):
+    """t (B, T, H, W) -> (B, T, h, w, Ly, Lx): the window of every block (starts per axis), zero outside."""
+    H, W = t.shape[-2:]
+    p = max(0, -min(starts_y + starts_x), max(starts_y) + Ly - H, max(starts_x) + Lx - W)
+    t = F.pad(t, [p] * 4)
+    sy, sx = even_step(starts_y), even_step(starts_x)
+    if sy and sx:  # evenly spaced windows: strided views, no copy
+        t = t[..., starts_y[0] + p:, starts_x[0] + p:]
+        return t.unfold(2, Ly, sy).unfold(3, Lx, sx)[:, :, :len(starts_y), :len(starts_x)]
+    iy = torch.tensor(starts_y, device=t.device)[:, None] + p + torch.arange(Ly, device=t.device)  # (h, Ly)
+    ix = torch.tensor(starts_x, device=t.device)[:, None] + p + torch.arange(Lx, device=t.device)
+    # two index_selects, not one advanced index: their backward is an index_add, not a sorting index_put
+    win = t.index_select(2, iy.flatten()).index_select(3, ix.flatten())
+    return win.view(*t.shape[:2], len(starts_y), Ly, len(starts_x), Lx).transpose(3, 4)
+
+
+def conv_transpose_windows(w, k, radius):
+    """The adaptive convolution transposed, per block window: w (B, h, w, Ly, Lx) weights on the output, k (B, d*d,
+    h, w, Ly, Lx) the kernel at those pixels -> (B, h, w, Ly+2r, Lx+2r) weights on the padded input window. Each
+    tap scatters back to where it read: F.fold (col2im) sums exactly that."""
+    d, (B, h, ww, Ly, Lx) = 2 * radius + 1, w.shape
+    taps = (w.unsqueeze(3) * k.permute(0, 2, 3, 1, 4, 5)).reshape(B * h * ww, d * d, Ly * Lx)
+    z = F.fold(taps, (Ly + 2 * radius, Lx + 2 * radius), kernel_size=d)  # (B*h*w, 1, Ly+2r, Lx+2r)
+    return z.view(B, h, ww, Ly + 2 * radius, Lx + 2 * radius)
 
 
 class JBU(nn.Module):
@@ -219,7 +391,7 @@ class JBU(nn.Module):
         r = self.radius
         q = self.range_proj(guide)  # (B, K, H, W)
         # similarity of each pixel's key to its d*d neighbours', tap by tap (no (B, K, d*d, H, W) tensor)
-        sim = NeighbourSimilarity.apply(F.pad(q, [r] * 4, mode="reflect"), r)
+        sim = FusedNeighbourSimilarity.apply(F.pad(q, [r] * 4, mode="reflect"), r)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         k = F.softmax(temp * sim, dim=1) * self.spatial_kernel().view(1, -1, 1, 1).to(sim.dtype)
         k = k / k.sum(1, keepdim=True).clamp_min(1e-7)  # joint bilateral kernel, sums to one
@@ -236,77 +408,97 @@ class JBU(nn.Module):
 class Enricher(nn.Module):
     """E_enr of Eq. (1)-(4): pool(J(U(I), E(i))), returned at E(i)'s grid for the concat of Eq. (4).
 
-    J starts at E(i) (h x w) and doubles 5 times (24 -> 768 for CLIP-L); layer k is guided by the UNet decoder map
-    of the matching scale (the k-th of the finest `jbu_layers` maps), resized to its output size. FeatUp ends its
-    stack with a residual 1x1 conv over the C channels; we leave it out: after pooling it is a CxC linear map that
-    the projector's first Linear already spans, and at C = 1024 it alone would be 1 M of the paper's 0.25 M."""
+    J starts at E(i) (h x w); layer k is guided by the k-th of the finest `jbu_layers` UNet decoder maps.
+    jbu_sizes="decoder" (the paper's reading, default): each layer outputs at its guide's size, S/16 ... S, so x_en
+    is at the image size, as Eq. (1) says and Sec. 2.2's decoder "back to 672x672" implies (CLIP-L at 672:
+    24 -> 42 -> 84 -> 168 -> 336 -> 672); Table 1's enricher cost agrees (flops.py). jbu_sizes="doubling" (FeatUp's
+    JBUStack): each layer doubles, 24 -> 768 at every input size, with its guide resized to that size by adaptive
+    average pooling as FeatUp's JBUStack does. FeatUp ends its stack with a residual 1x1 conv over the C channels;
+    we leave it out: after pooling it is a CxC linear map that the projector's first Linear already spans, and at
+    C = 1024 it alone would be 1 M, four times the paper's whole enricher."""
 
     def __init__(self, cfg: HIREConfig):
         super().__init__()
         if not 1 <= cfg.jbu_layers <= len(cfg.unet_widths):
             raise ValueError(f"jbu_layers={cfg.jbu_layers} needs as many UNet decoder maps (unet_widths has "
                              f"{len(cfg.unet_widths)})")
-        self.chunk = cfg.jbu_chunk
+        if cfg.jbu_sizes not in ("decoder", "doubling"):
+            raise ValueError(f"jbu_sizes={cfg.jbu_sizes!r}: expected 'decoder' or 'doubling'")
+        self.chunk, self.sizes = cfg.jbu_chunk, cfg.jbu_sizes
         self.unet = UNet(cfg.unet_widths, cfg.guide_dim)
         self.jbu = nn.ModuleList(JBU(cfg.guide_dim, cfg.jbu_key_dim, cfg.jbu_radius, cfg.jbu_dropout)
                                  for _ in range(cfg.jbu_layers))
 
     def guides(self, image, grid):
-        """The guidance of each JBU layer, resized to its output size (grid * 2^k)."""
+        """The guidance of each JBU layer, at that layer's output size."""
         maps = self.unet(image)[-len(self.jbu):]
+        if self.sizes == "decoder":
+            return maps
         h, w = grid
-        return [F.interpolate(g, size=(h << k, w << k), mode="bilinear", align_corners=False, antialias=True)
-                for k, g in enumerate(maps, start=1)]
+        return [F.adaptive_avg_pool2d(g, (h << k, w << k)) for k, g in enumerate(maps, start=1)]
 
     def kernels(self, image, grid):
         return [layer.kernel(g) for layer, g in zip(self.jbu, self.guides(image, grid))]
 
     def propagate(self, x, kernels):
-        """pool(J(x)) with the kernels fixed. Every op acts on each channel alike, so channels go through the
-        stack `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps, not C of them.
-        The last layer never runs at full resolution: the average pool is folded into its kernel (pool_kernel)."""
-        h, w = x.shape[-2:]
-        r = self.jbu[0].radius
-        top = kernels[-1].shape[-2:]
-        folded = pool_kernel(kernels[-1], (h, w), r)  # (B, (s+2r)^2, h*w)
+        """pool(J(x)) with the kernels fixed, the plain way: every layer at full size, then the average pool.
+        Channels go through `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps."""
+        r, grid = self.jbu[0].radius, x.shape[-2:]
 
-        def stack(xc, folded, *ks):
+        def stack(xc, *ks):
             for k in ks:
                 xc = F.interpolate(xc, size=k.shape[-2:], mode="bicubic", align_corners=False)
                 xc = apply_kernel(xc, k, r)
-            xc = F.interpolate(xc, size=top, mode="bicubic", align_corners=False)
-            s = top[0] // h
-            cols = F.unfold(F.pad(xc, [r] * 4, mode="reflect"), kernel_size=s + 2 * r, stride=s)
-            cols = cols.view(xc.shape[0], xc.shape[1], -1, h * w)  # (B, c, (s+2r)^2, h*w): each block's window
-            return torch.einsum("bclp,blp->bcp", cols, folded).view(*xc.shape[:2], h, w)
+            return F.adaptive_avg_pool2d(xc, grid)
 
         outs = []
         for xc in x.split(self.chunk, dim=1):
             if torch.is_grad_enabled() and x.shape[1] > self.chunk:
-                outs.append(checkpoint(stack, xc, folded, *kernels[:-1], use_reentrant=False))
+                outs.append(checkpoint(stack, xc, *kernels, use_reentrant=False))
             else:
-                outs.append(stack(xc, folded, *kernels[:-1]))
+                outs.append(stack(xc, *kernels))
         return torch.cat(outs, dim=1)
 
-    def forward(self, image, feats, path="auto"):
+    def response(self, kernels, grid):
+        """M (B, h*w, h*w), M[b, P, n] = what pooled output block P takes from E(i) at n: the pool's weights pulled
+        back through the JBU layers, block by block, each in its own window (see pull_back_axis)."""
+        (h, w), r, top = grid, self.jbu[0].radius, kernels[-1].shape[-2:]
+        if top[0] % h or top[1] % w:
+            raise ValueError(f"the last JBU layer's output {tuple(top)} does not split into the {h}x{w} pool blocks")
+        sy, sx = top[0] // h, top[1] // w
+        ys, xs, Ly, Lx = tuple(range(0, top[0], sy)), tuple(range(0, top[1], sx)), sy, sx
+        wt = kernels[-1].new_full((kernels[-1].shape[0], h, w, sy, sx), 1 / (sy * sx))  # the average pool
+        for i in reversed(range(len(kernels))):
+            k = kernels[i]
+            z = conv_transpose_windows(wt, windows(k, ys, xs, Ly, Lx), r)  # on the padded upsampled map
+            size_in = kernels[i - 1].shape[-2:] if i else grid
+            Ay, ys, Ly = pull_back_axis(size_in[0], k.shape[-2], r, ys, Ly + 2 * r)
+            Ax, xs, Lx = pull_back_axis(size_in[1], k.shape[-1], r, xs, Lx + 2 * r)
+            wt = torch.einsum("yai,nyxab->nyxib", Ay.to(z), z)  # through the bicubic upsampling and padding
+            wt = torch.einsum("nyxib,xbj->nyxij", wt, Ax.to(z))  # (B, h, w, Ly, Lx) on layer i's input
+        # place each block's window on E(i)'s grid (padded by p so that every window fits)
+        p = max(0, -min(ys + xs), max(ys) + Ly - h, max(xs) + Lx - w)
+        iy = torch.tensor(ys, device=wt.device)[:, None] + p + torch.arange(Ly, device=wt.device)
+        ix = torch.tensor(xs, device=wt.device)[:, None] + p + torch.arange(Lx, device=wt.device)
+        by, bx = torch.arange(h, device=wt.device), torch.arange(w, device=wt.device)
+        M = wt.new_zeros(wt.shape[0], h, w, h + 2 * p, w + 2 * p)
+        M[:, by[:, None, None, None], bx[None, :, None, None], iy[:, None, :, None], ix[None, :, None, :]] = wt
+        return M[..., p:p + h, p:p + w].reshape(-1, h * w, h * w)
+
+    def forward(self, image, feats, path="basis"):
         """image (B, 3, S, S) = I; feats (B, C, h, w) = E(i). Returns pool(x_en) (B, C, h, w).
 
-        path "direct" runs the C feature channels through J. path "basis" uses that J and the pooling are linear
-        in E(i) once the guidance is fixed, with the same weights for every channel: pool(J(E))[c] = M E[c] with
-        M (h*w x h*w) the response to the h*w one-hot inputs. Exact, and cheaper when h*w < C (576 < 1024 for
-        CLIP-L). "auto" picks the cheaper."""
+        path "basis" (default): pool(J(E))[c] = M E[c], M from response(), then one einsum over the channels.
+        path "direct": the C channels through J at full size (what FeatUp does; tens of G multiply-adds at 672,
+        kept as the plain reading and the check of "basis")."""
         B, C, h, w = feats.shape
         kernels = self.kernels(image, (h, w))
-        if path == "auto":
-            path = "basis" if h * w < C else "direct"
         if path == "direct":
             return self.propagate(feats, kernels)
         if path != "basis":
-            raise ValueError(f"unknown enricher path {path!r}: 'direct', 'basis' or 'auto'")
-        N = h * w
-        eye = torch.eye(N, dtype=feats.dtype, device=feats.device).view(1, N, h, w).expand(B, N, h, w)
-        M = self.propagate(eye, kernels).flatten(2)  # (B, N_in, N_out): M[b, n, p] = response at p to one-hot n
-        return torch.einsum("bcn,bnp->bcp", feats.flatten(2), M).view(B, C, h, w)
+            raise ValueError(f"unknown enricher path {path!r}: 'basis' or 'direct'")
+        M = self.response(kernels, (h, w))  # (B, P, n)
+        return torch.einsum("bcn,bpn->bcp", feats.flatten(2), M).view(B, C, h, w)
 
 
 # ----------------------------------------------------------------------------- S2's crops
