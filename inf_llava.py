@@ -113,6 +113,12 @@ class INFLLaVAConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "INFLLaVAConfig":
+        d = dict(d)
+        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(INFLLaVAConfig)})
+        if arch not in (None, "INFLLaVA") or unknown:
+            raise ValueError(f"not a INFLLaVA checkpoint: its config.json is a {arch or 'another model'}'s"
+                             + (f", with fields INFLLaVA does not have: {unknown}" if unknown else ""))
         return INFLLaVAConfig(**{**d, "vit": ViTConfig(**d["vit"]), "llm": LLMConfig(**d["llm"])})
 
 
@@ -277,12 +283,16 @@ def default_dtype(dtype):
 
 class INFLLaVA(nn.Module):
     # Sec. 5.2. Stage 1 aligns: ViT and LLM frozen. Stage 2 (SFT) also trains the whole LLM; the ViT never.
+    # Rates, cosine schedule and global batches 256 / 128 are Sec. 5.2's. The rest is the release's scripts
+    # (WeihuangLin/INF-LLaVA INF-LLava_pretrain.sh, INF-LLava_finetune.sh): warmup_ratio 0.03, the HF Trainer's
+    # cosine to 0, weight decay 0 (train.py's default), one epoch each. No gradient clipping: like LLaVA-1.5's
+    # scripts they run DeepSpeed with LLaVA's scripts/zero2.json / zero3.json, which have no "gradient_clipping"
+    # key, so the Trainer's max_grad_norm never applies and DeepSpeed's default, 0 (off), does.
+    RELEASE_SCHEDULE = {"warmup_ratio": 0.03, "min_lr_ratio": 0.0, "grad_clip": 0.0}
     STAGES = {
-        "pretrain": {"template": "plain", "train": {"dem": 1e-3, "projector": 1e-3}, "schedule": "cosine",
-                     "warmup_ratio": 0.03, "global_batch": 256, "epochs": 1, "weight_decay": 0.0},
+        "pretrain": {"template": "plain", "train": {"dem": 1e-3, "projector": 1e-3}, **RELEASE_SCHEDULE},
         "finetune": {"train": {"dem": 2e-5, "projector": 2e-5, "llm": 2e-5},  # template: config.template
-                     "schedule": "cosine", "warmup_ratio": 0.03, "global_batch": 128, "epochs": 1,
-                     "weight_decay": 0.0},
+                     **RELEASE_SCHEDULE},
     }
 
     def __init__(self, config: INFLLaVAConfig, vit: ViT | None = None, llm: LLM | None = None):
@@ -390,8 +400,8 @@ class INFLLaVA(nn.Module):
         """config.json + model.safetensors, each written to a temporary name and renamed."""
         os.makedirs(dir, exist_ok=True)
         path = os.path.join(dir, "config.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        with open(path + ".tmp", "w") as f:  # the class first: --init checks it (train.py)
+            json.dump({"architecture": "INFLLaVA", **dataclasses.asdict(self.config)}, f, indent=2)
         os.replace(path + ".tmp", path)
         path = os.path.join(dir, "model.safetensors")
         save_model(self, path + ".tmp")

@@ -122,13 +122,13 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     out = run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1")
     forward, calls = hire.HIRE.forward, []
 
-    def diverges(self, *a, **k):  # the 3rd training forward (step 3) overflows
+    def diverges(self, *a, **k):  # the 3rd training forward after step 1 (so step 4, as the log counts) overflows
         logits, loss = forward(self, *a, **k)
         calls.append(1)
         return logits, loss * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(hire.HIRE, "forward", diverges)
-    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step 4: stopping; the last good checkpoint"):
         train.main(FAST + ["--model=hire", "--stage=pretrain", "--max_iters=20", "--eval_interval=100", "--resume",
                            f"--out_dir={out}"], distributed=False)
     assert train.read_train_state(os.path.join(out, "ckpt"))["step"] == 1  # the last good checkpoint stays
