@@ -10,8 +10,9 @@ One training loop for every nanoHiRes model, from a laptop CPU to many GPUs.
 
 Every field of TrainConfig below, and every field of the model's config, can be set as --key=value
 (nested model fields with a dot: --llm.n_layer=2). Unknown keys and ill-typed values are errors.
-The model file says what each stage trains and at which learning rate (its STAGES / configure_stage);
-this file never branches on the model beyond picking it.
+The model file says what each stage trains, at which learning rate and on which schedule (its STAGES /
+configure_stage); this file never branches on the model beyond picking it. `python train.py` reports a bad
+option, data file or checkpoint in one line and exits with 2; a traceback means a bug.
 """
 import dataclasses
 import json
@@ -218,7 +219,7 @@ def save_checkpoint(cfg, raw_model, weights, tok_dir, state):
     else:  # gathered from FSDP shards: the same files Model.save writes
         os.makedirs(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"architecture": type(raw_model).__name__, **dataclasses.asdict(raw_model.config)}, f, indent=2)
+            json.dump({"architecture": MODELS[cfg.model][1], **dataclasses.asdict(raw_model.config)}, f, indent=2)
         save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
     for name in os.listdir(tok_dir):
         if name.startswith(("tokenizer", "special_tokens", "vocab.json", "merges.txt", "generation_config")):
@@ -298,8 +299,7 @@ def check_model(cfg, path):
                   if cls == arch and all(saved.get(k) == v for k, v in variant.items())), arch)
     _, cls_name, variant = MODELS[cfg.model]
     if (arch and arch != cls_name) or any(saved.get(k, v) != v for k, v in variant.items()):
-        raise ValueError(f"{path} holds a --model={found} checkpoint "
-                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in variant) or arch}), not --model={cfg.model}")
+        raise ValueError(f"{path} holds a --model={found} checkpoint, not --model={cfg.model}")
 
 
 def open_log(cfg, start):
@@ -832,11 +832,6 @@ def main(argv=None, distributed=True, last=True):
     if cfg.compile:
         model = torch.compile(model)
 
-    # --- Ctrl-C / preemption: finish the step, save, exit cleanly. Installed before any DataLoader worker starts.
-    stop = {"signal": None}
-    handlers = {sig: signal.signal(sig, lambda s, _: stop.update(signal=signal.Signals(s).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-
     # --- data: the stage's template, the model's image size; each rank reads its own share
     template = recipe.get("template", raw_model.config.template)
     mc = raw_model.config  # as the model resolved it (e.g. S2's input is its largest scale)
@@ -885,6 +880,12 @@ def main(argv=None, distributed=True, last=True):
                 train_config=dataclasses.asdict(cfg), stage=cfg.stage, world=world))
         if world > 1:
             dist.barrier()
+
+    # --- Ctrl-C / preemption: finish the step, save, exit cleanly. Installed before the first DataLoader worker
+    # is forked (iter() below): a worker inherits this harmless handler until ignore_stop_signals replaces it.
+    stop = {"signal": None}
+    handlers = {sig: signal.signal(sig, lambda s, _: stop.update(signal=signal.Signals(s).name))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
 
     if master:
         n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
