@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -241,7 +242,10 @@ def read_train_state(ckpt_dir):
     path = os.path.join(ckpt_dir, "train_state.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable training state ({e}); truncated by a copy?") from None
 
 
 def clear_temporaries(out_dir):
@@ -260,7 +264,10 @@ _LOCKS = {}  # out_dir -> the open lock file of this process's run there
 def lock_out_dir(out_dir):
     """One run per out_dir: an exclusive flock on OUT_DIR/lock, which holds the owner's pid. The kernel drops the
     lock when its process ends, however it ends (kill -9 included), so a lock is never stale."""
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: one run per out_dir is then up to you
+        return
     path = os.path.join(out_dir, "lock")
     old = _LOCKS.pop(os.path.realpath(out_dir), None)
     if old:  # an earlier run of this process ended in an error before unlocking
@@ -292,8 +299,11 @@ def check_model(cfg, path):
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path} is not a checkpoint directory: {file} does not exist")
-    with open(file) as f:
-        saved = json.load(f)
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
     arch = saved.get("architecture")
     found = next((name for name, (_, cls, variant) in MODELS.items()
                   if cls == arch and all(saved.get(k) == v for k, v in variant.items())), arch)

@@ -77,18 +77,19 @@ def qa(question="What colour is it?", answer="red"):
 
 
 # ----------------------------------------------------------------------------- data loss
-def test_1_sigterm_to_the_process_group_saves_and_resumes_exactly(tmp_path):
+def test_1_sigterm_to_the_process_group_saves_and_resumes_exactly(tmp_path, sig=signal.SIGTERM):
     """`timeout`, SLURM and Kubernetes signal the whole process group, DataLoader workers included. The workers
-    ignore it, the training process finishes its step and saves; resuming gives the uninterrupted run bit for bit."""
+    ignore it (SIGINT, a terminal's Ctrl-C, too), the training process finishes its step and saves; resuming
+    gives the uninterrupted run bit for bit."""
     common = LLAVA + ["--lr_decay_iters=12", "--eval_interval=0", "--warmup_iters=2"]
     out = str(tmp_path / "cut")
     p = subprocess.Popen([sys.executable, TRAIN, *FAST, *common, "--num_workers=1", "--max_iters=1000",
                           f"--out_dir={out}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)  # its own process group, as under `timeout`
     wait_for_rows(out, 2, p)
-    os.killpg(p.pid, signal.SIGTERM)  # the group: the worker gets it too
+    os.killpg(p.pid, sig)  # the group: the worker gets it too
     text = p.communicate(timeout=120)[0]
-    assert p.returncode == 0 and "stopped by SIGTERM" in text, text[-3000:]
+    assert p.returncode == 0 and f"stopped by {sig.name}" in text, text[-3000:]
     step = step_of(out)
     assert step == len(losses(out)) >= 2
     train.main(FAST + common + [f"--max_iters={step + 2}", "--resume", f"--out_dir={out}"], distributed=False)
@@ -260,6 +261,11 @@ def test_10_errors_name_the_file_or_the_option(tmp_path, tok):
     with open(weights_file, "r+b") as f:  # an interrupted copy
         f.truncate(os.path.getsize(weights_file) // 2)
     with pytest.raises(ValueError, match=r"ckpt/model.safetensors: not a readable safetensors file"):
+        train.main(FAST + LLAVA + ["--max_iters=2", "--resume", f"--out_dir={out}"], distributed=False)
+    state_file = os.path.join(out, "ckpt", "train_state.pt")
+    with open(state_file, "r+b") as f:
+        f.truncate(os.path.getsize(state_file) // 2)
+    with pytest.raises(ValueError, match=r"ckpt/train_state.pt: not a readable training state"):
         train.main(FAST + LLAVA + ["--max_iters=2", "--resume", f"--out_dir={out}"], distributed=False)
     cfg, over = train.parse_args(["--model=pheye", "--lr_sclae=2"])
     with pytest.raises(ValueError, match=r"unknown option --lr_sclae: train.py's options are .*lr_scale.*; "
