@@ -100,8 +100,9 @@ def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS):
     plain (aspect-changing) resize as INF-LLaVA and Pheye do. Bicubic, as CLIP's preprocessing."""
     im = open_image(path_or_pil, max_pixels)
     if pad_square and max(im.size) ** 2 > max_pixels:   # a 60000x10 strip would pad to 3.6 gigapixels
-        raise DataError(f"image {'<PIL image>' if isinstance(path_or_pil, Image.Image) else path_or_pil}: padding {im.width}x{im.height} to a "
-                        f"square makes {max(im.size) ** 2} pixels > max_pixels {max_pixels}")
+        name = "<PIL image>" if isinstance(path_or_pil, Image.Image) else path_or_pil
+        raise DataError(f"image {name}: padding {im.width}x{im.height} to a square makes {max(im.size) ** 2} "
+                        f"pixels > max_pixels {max_pixels}")
     if pad_square:
         im = expand2square(im, tuple(round(255 * m) for m in CLIP_MEAN))
     if im.size != (size, size):

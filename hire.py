@@ -356,12 +356,11 @@ class HIRE(nn.Module):
 
     # Training recipe as data (paper Sec. 3: "exactly following the same hyperparameters as LLaVA-1.5"); train.py
     # reads it. "train": part -> peak lr. No "template": the config's instruction template.
-    # The paper stages' schedule is LLaVA-1.5's (Sec. 3: "exactly following the same hyperparameters as
-    # LLaVA-1.5"; haotian-liu/LLaVA scripts/v1_5/pretrain.sh and finetune_lora.sh): warmup_ratio 0.03, cosine to
-    # 0, weight decay 0, global batch 256 then 128. No gradient clipping: the scripts leave the HF Trainer's
-    # max_grad_norm at 1.0, but under DeepSpeed the Trainer does not clip, it only fills a DeepSpeed
-    # "gradient_clipping": "auto", and their configs (scripts/zero2.json, zero3.json) have no such key, so
-    # DeepSpeed's default, 0 (off), applies.
+    # So the paper stages' schedule is LLaVA-1.5's (haotian-liu/LLaVA scripts/v1_5/pretrain.sh, finetune_lora.sh):
+    # warmup_ratio 0.03, cosine to 0, weight decay 0, global batch 256 then 128. No gradient clipping: the
+    # scripts leave the HF Trainer's max_grad_norm at 1.0, but under DeepSpeed the Trainer does not clip, it only
+    # fills a DeepSpeed "gradient_clipping": "auto", and their configs (scripts/zero2.json, zero3.json) have no
+    # such key, so DeepSpeed's default, 0 (off), applies.
     LLAVA_SCHEDULE = {"warmup_ratio": 0.03, "min_lr_ratio": 0.0, "grad_clip": 0.0}
     STAGES = {
         # tiny presets only: build the small LM that the paper recipes then freeze, LLaVA-style on the frozen

@@ -117,7 +117,7 @@ class INFLLaVAConfig:
         arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(INFLLaVAConfig)})
         if arch not in (None, "INFLLaVA") or unknown:
-            raise ValueError(f"not a INFLLaVA checkpoint: its config.json is a {arch or 'another model'}'s"
+            raise ValueError(f"not an INFLLaVA checkpoint: its config.json is a {arch or 'another model'}'s"
                              + (f", with fields INFLLaVA does not have: {unknown}" if unknown else ""))
         return INFLLaVAConfig(**{**d, "vit": ViTConfig(**d["vit"]), "llm": LLMConfig(**d["llm"])})
 
