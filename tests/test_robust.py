@@ -98,6 +98,23 @@ def test_1_sigterm_to_the_process_group_saves_and_resumes_exactly(tmp_path, sig=
     assert same_weights(weights(out), weights(full))
 
 
+def test_1_a_data_worker_that_dies_with_the_stop_does_not_lose_the_steps(tmp_path, monkeypatch, capsys):
+    """Whatever the workers do (killed another way, say), once a stop signal has come the steps done are saved."""
+    loader = torch.utils.data.DataLoader
+
+    class Dying(loader):
+        def __iter__(self):
+            for k, batch in enumerate(super().__iter__()):
+                if k == 2 and isinstance(self.sampler, train.StepSampler):  # fetching step 3's batch
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+                yield batch
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Dying)
+    out = run(tmp_path, *LLAVA, "--max_iters=5")
+    assert step_of(out) == 2 == len(losses(out)) and "(and a data worker: DataLoader worker" in capsys.readouterr().out
+
+
 def test_2_stale_temporaries_do_not_block_resume(tmp_path):
     """A kill between creating the ckpt.tmp link and the rename, or while a checkpoint directory is written."""
     out = run(tmp_path, *LLAVA, "--max_iters=1")
