@@ -90,6 +90,11 @@ class HIREConfig:
     @staticmethod
     def from_dict(d: dict) -> "HIREConfig":
         d = dict(d)
+        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(HIREConfig)})
+        if arch not in (None, "HIRE") or unknown:
+            raise ValueError(f"not a HIRE checkpoint: its config.json is a {arch or 'another model'}'s"
+                             + (f", with fields HIRE does not have: {unknown}" if unknown else ""))
         d["vit"], d["llm"] = ViTConfig(**d["vit"]), LLMConfig(**d["llm"])
         return HIREConfig(**d)
 
@@ -545,17 +550,25 @@ class HIRE(nn.Module):
 
     # Training recipe as data (paper Sec. 3: "exactly following the same hyperparameters as LLaVA-1.5"); train.py
     # reads it. "train": part -> peak lr. No "template": the config's instruction template.
+    # So the paper stages' schedule is LLaVA-1.5's (haotian-liu/LLaVA scripts/v1_5/pretrain.sh, finetune_lora.sh):
+    # warmup_ratio 0.03, cosine to 0, weight decay 0, global batch 256 then 128. No gradient clipping: the
+    # scripts leave the HF Trainer's max_grad_norm at 1.0, but under DeepSpeed the Trainer does not clip, it only
+    # fills a DeepSpeed "gradient_clipping": "auto", and their configs (scripts/zero2.json, zero3.json) have no
+    # such key, so DeepSpeed's default, 0 (off), applies.
+    LLAVA_SCHEDULE = {"warmup_ratio": 0.03, "min_lr_ratio": 0.0, "grad_clip": 0.0}
     STAGES = {
         # tiny presets only: build the small LM that the paper recipes then freeze, LLaVA-style on the frozen
         # pretrained tiny ViT (train.tiny_base), on QA in every instruction template and captions (data.MIX), so
-        # that each paper's frozen LM knows its own format
-        "base": {"template": "mix", "train": {"llm": 1e-3, "projector": 1e-3, "enricher": 1e-3}},
+        # that each paper's frozen LM knows its own format. Our schedule, the one assets/tiny-lm was built with
+        # (5000 steps: 20 of warmup, cosine to 10% of the peak, gradient clipping at 1)
+        "base": {"template": "mix", "train": {"llm": 1e-3, "projector": 1e-3, "enricher": 1e-3},
+                 "warmup_ratio": 0.004, "min_lr_ratio": 0.1, "grad_clip": 1.0},
         # stage 1: projector + enricher, lr 1e-3 (LLaVA-1.5 pretraining), ViT and LLM frozen
-        "pretrain": {"template": "plain", "train": {"projector": 1e-3, "enricher": 1e-3}},
+        "pretrain": {"template": "plain", "train": {"projector": 1e-3, "enricher": 1e-3}, **LLAVA_SCHEDULE},
         # stage 2: the same modules plus LoRA on the LLM's linears. LLaVA-1.5's LoRA script: r 128, alpha 256,
         # dropout 0.05, lr 2e-4, mm_projector_lr 2e-5 (HIRE Table 4's best enricher lr is also 2e-5)
         "finetune": {"train": {"projector": 2e-5, "enricher": 2e-5, "lora": 2e-4},
-                     "lora": {"rank": 128, "alpha": 256.0, "dropout": 0.05}},
+                     "lora": {"rank": 128, "alpha": 256.0, "dropout": 0.05}, **LLAVA_SCHEDULE},
     }
     LORA = "lora"  # the adapter's name inside the LLM
 
@@ -742,8 +755,8 @@ class HIRE(nn.Module):
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # the class first: --init checks it (train.py)
+            json.dump({"architecture": "HIRE", **dataclasses.asdict(self.config)}, f, indent=2)
         save_file({k: t.detach().contiguous().cpu() for k, t in _unique_state(self).items()},
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         shutil.rmtree(path, ignore_errors=True)
