@@ -390,7 +390,8 @@ def check_out_dir(cfg):
 
 
 # ----------------------------------------------------------------------------- the schedule
-RECIPE_KEYS = ("train", "lr", "lora", "template", "task", "warmup_ratio", "min_lr_ratio", "grad_clip")  # what is read
+RECIPE_KEYS = ("train", "lr", "lora", "template", "task", "warmup_ratio", "min_lr_ratio", "grad_clip",
+               "pad_square", "center_crop")  # what is read
 SCHEDULE_KEYS = ("warmup_ratio", "min_lr_ratio", "grad_clip")  # of a STAGES entry: read here, each with its option
 
 
