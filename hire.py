@@ -89,14 +89,7 @@ class HIREConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "HIREConfig":
-        d = dict(d)
-        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(HIREConfig)})
-        if arch not in (None, "HIRE") or unknown:
-            raise ValueError(f"not a HIRE checkpoint: its config.json is a {arch or 'another model'}'s"
-                             + (f", with fields HIRE does not have: {unknown}" if unknown else ""))
-        d["vit"], d["llm"] = ViTConfig(**d["vit"]), LLMConfig(**d["llm"])
-        return HIREConfig(**d)
+        return llmlib.model_config_from_dict(HIREConfig, "HIRE", d, vit=ViTConfig, llm=LLMConfig)
 
 
 # ----------------------------------------------------------------------------- the HIRE enricher

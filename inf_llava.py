@@ -140,13 +140,7 @@ class INFLLaVAConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "INFLLaVAConfig":
-        d = dict(d)
-        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(INFLLaVAConfig)})
-        if arch not in (None, "INFLLaVA") or unknown:
-            raise ValueError(f"not an INFLLaVA checkpoint: its config.json is a {arch or 'another model'}'s"
-                             + (f", with fields INFLLaVA does not have: {unknown}" if unknown else ""))
-        return INFLLaVAConfig(**{**d, "vit": ViTConfig(**d["vit"]), "llm": LLMConfig(**d["llm"])})
+        return llmlib.model_config_from_dict(INFLLaVAConfig, "INFLLaVA", d, vit=ViTConfig, llm=LLMConfig)
 
 
 # ----------------------------------------------------------------------------- DCM (Sec. 4.2) and Eq. 5-6

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import unicodedata
+import dataclasses
 from dataclasses import dataclass
 
 import sentencepiece
@@ -280,6 +281,20 @@ class Block(nn.Module):
 
 IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX: one prompt position the model expands into its image tokens
 IGNORE = -100     # label of every token that is not supervised
+
+
+def model_config_from_dict(cls, model, d, **parts):
+    """A multimodal model's config from its saved config.json dict: `model` the class that wrote it (its
+    "architecture" field; None in checkpoints written before it was recorded), parts the sub-configs' classes
+    (vit=ViTConfig, llm=LLMConfig). A checkpoint of another model, or a field this config lacks, is an error."""
+    d = dict(d)
+    arch = d.pop("architecture", None)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if arch not in (None, model) or unknown:
+        raise ValueError(f"not a{'n' * (model[0] in 'AEIOU')} {model} checkpoint: its config.json is a "
+                         f"{arch or 'another model'}'s" + (f", with fields {model} does not have: {unknown}"
+                                                            if unknown else ""))
+    return cls(**{**d, **{k: part(**d[k]) for k, part in parts.items()}})
 
 
 def next_token_loss(logits, labels, reduction="mean"):

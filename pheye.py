@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
 import data
-from llm import LLM, LLMConfig, _to_hf, next_token_loss
+from llm import LLM, LLMConfig, _to_hf, model_config_from_dict, next_token_loss
 from vit import HF_RENAMES, ViT, ViTConfig, add_lora, lora_parameters
 
 # Release: LoRA on every linear layer of the ViT and on its patch-embedding convolution.
@@ -83,13 +83,7 @@ class PheyeConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PheyeConfig":
-        d = dict(d)
-        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(PheyeConfig)})
-        if arch not in (None, "Pheye") or unknown:
-            raise ValueError(f"not a Pheye checkpoint: its config.json is a {arch or 'another model'}'s"
-                             + (f", with fields Pheye does not have: {unknown}" if unknown else ""))
-        return PheyeConfig(**{**d, "vit": ViTConfig(**d["vit"]), "llm": LLMConfig(**d["llm"])})
+        return model_config_from_dict(PheyeConfig, "Pheye", d, vit=ViTConfig, llm=LLMConfig)
 
 
 def check_config(c: PheyeConfig):
@@ -447,7 +441,7 @@ def release_config(dir: str, vit_dir: str, llm_dir: str) -> PheyeConfig:
                f"in the release)"] if r["level"] not in RELEASE_TILES else []
     refused += [f"reduce={r['reduce']} (narrower cross-attention; not implemented)"] if r["reduce"] != 1 else []
     refused += [f"from_layer={r['from_layer']} (not implemented)"] if r["from_layer"] != 0 else []
-    refused += [f"first_level with level 1 (the release cannot build it)"] if r["first_level"] and r["level"] == 1 else []
+    refused += ["first_level with level 1 (the release cannot build it)"] if r["first_level"] and r["level"] == 1 else []
     refused += [f"{k}={r[k]!r} (one of {list(RELEASE_DTYPES)})" for k in RELEASE_FIELDS[-3:] if r[k] not in RELEASE_DTYPES]
     if refused:
         raise ValueError(f"{path}: unsupported " + "; ".join(refused))
