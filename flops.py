@@ -19,6 +19,7 @@ Attention is counted in full (T x T), as both counters do, although a causal ker
 """
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -250,7 +251,7 @@ def s2_vit_calls(resolution, tile=336):
 
 # hire.HIREConfig's enricher fields (the paper gives only "5 stages", "5 JBU layers" and ~0.25 M parameters)
 ENRICHER = SimpleNamespace(unet_widths=(16, 32, 64, 64, 64), guide_dim=32, jbu_layers=5, jbu_radius=3,
-                           jbu_key_dim=32)
+                           jbu_key_dim=32, jbu_sizes="decoder")
 
 
 def conv(hw, c_in, c_out, k=1):
@@ -291,31 +292,59 @@ def jbu_apply(hw, channels, radius):
     return Cost(unseen=hw * channels * (16 + k2))
 
 
-def jbu_last_pooled(grid, layers, channels, radius):
-    """The last JBU layer and the average pool of Eq. (4) fused, as hire.py does: each of the grid^2 pooled outputs
-    is one (s + 2r)^2 window (s = 2^layers) of the upsampled map weighted by the pooled kernel: an einsum that
-    counters see. The bicubic upsampling to s*grid (16 taps) and folding the kernel (k^2 per pixel) are unseen."""
-    s, k2 = 1 << layers, (2 * radius + 1) ** 2
-    hw = (grid * s) ** 2
-    return linear(grid * grid, channels, (s + 2 * radius) ** 2) + Cost(unseen=hw * channels * 16 + hw * k2)
+def fold_window(n_in, n_out, cells, radius):
+    """L of hire.fold_upsample: the input span that one pooling block's window (s + 2r rows of the reflect-padded
+    n_out map, s = n_out / cells) reads through bicubic upsampling (4 taps per row, clamped at the borders)."""
+    s, step = n_out // cells, n_in // cells
+
+    def taps(y):
+        y = -y if y < 0 else 2 * (n_out - 1) - y if y >= n_out else y  # reflect padding
+        f = math.floor((y + 0.5) * n_in / n_out - 0.5)
+        return [min(max(f + o, 0), n_in - 1) for o in (-1, 0, 1, 2)]
+
+    spans = [[t for y in range(c * s - radius, c * s + s + radius) for t in taps(y)] for c in range(cells)]
+    before = max(0, max(step * c - min(sp) for c, sp in enumerate(spans)))
+    return max(max(sp) + 1 - step * c + before for c, sp in enumerate(spans))
+
+
+def jbu_last_pooled(grid, size_in, size_out, channels, radius):
+    """The last JBU layer and the average pool of Eq. (4) fused, as hire.py does: the pool folded into the kernel
+    (k^2 per pixel, unseen), the bicubic upsampling size_in -> size_out folded into those weights (two einsums per
+    block), then each of the grid^2 pooled outputs is one L x L window of the layer's input: an einsum. The last
+    layer never touches a size_out map."""
+    w, L = (size_out // grid + 2 * radius), fold_window(size_in, size_out, grid, radius)
+    n = grid * grid
+    fold = Cost(unseen=size_out ** 2 * (2 * radius + 1) ** 2) + Cost(mac=n * L * w * w + n * L * L * w)
+    return fold + linear(n, channels, L * L)
+
+
+def jbu_sizes(S, grid, e):
+    """Output side of each JBU layer: the UNet decoder's S/2^(layers-k) (hire.py's default, the paper's reading)
+    or FeatUp's doubling grid * 2^k."""
+    n = e.jbu_layers
+    if getattr(e, "jbu_sizes", "decoder") == "doubling":
+        return [grid << k for k in range(1, n + 1)]
+    return [S >> (n - k) for k in range(1, n + 1)]
 
 
 def hire_enricher(S, grid, d, e=ENRICHER, path="auto"):
-    """pool(J(U(I), E(i))) of Eq. (2)-(4) for an S x S image and a grid x grid x d ViT map. J's 5 layers double
-    the map (24 -> 768 for CLIP-L), each guided by a UNet decoder map resized to its output size.
-    path "direct" pushes the d channels through J; "basis" (hire.py's exact shortcut when grid^2 < d) pushes the
-    grid^2 one-hot maps through and mixes the channels with one einsum (d x grid^2 x grid^2), which counters see."""
+    """pool(J(U(I), E(i))) of Eq. (2)-(4) for an S x S image and a grid x grid x d ViT map. J's 5 layers output at
+    the UNet decoder's sizes S/16 ... S (24 -> 42 -> ... -> 672 for CLIP-L at 672), each guided by that decoder
+    map. path "direct" pushes the d channels through J; "basis" (hire.py's exact shortcut when grid^2 < d) pushes
+    the grid^2 one-hot maps through and mixes the channels with one einsum (d x grid^2 x grid^2), which counters
+    see."""
     n = grid * grid
     if path == "auto":
         path = "basis" if n < d else "direct"
     channels = n if path == "basis" else d
+    sizes = jbu_sizes(S, grid, e)
     cost = unet(S, e.unet_widths, e.guide_dim)
-    for k in range(1, e.jbu_layers + 1):
-        hw = (grid << k) ** 2
-        cost += jbu_kernel(hw, e.guide_dim, e.jbu_key_dim, e.jbu_radius)
-        if k < e.jbu_layers:
-            cost += jbu_apply(hw, channels, e.jbu_radius)
-    cost += jbu_last_pooled(grid, e.jbu_layers, channels, e.jbu_radius)
+    for k, side in enumerate(sizes):
+        cost += jbu_kernel(side * side, e.guide_dim, e.jbu_key_dim, e.jbu_radius)
+        if k < len(sizes) - 1:
+            cost += jbu_apply(side * side, channels, e.jbu_radius)
+    size_in = sizes[-2] if len(sizes) > 1 else grid
+    cost += jbu_last_pooled(grid, size_in, sizes[-1], channels, e.jbu_radius)
     return cost + (linear(n, n, d) if path == "basis" else Cost())
 
 
@@ -440,10 +469,10 @@ def row(table, name, ours, paper=None, unit="TFLOPs", note=""):
                 rel=None if diff is None else diff / paper, unit=unit, note=note)
 
 
-def adaptive_conv_macs(grid=24, layers=5, channels=1024, radius=3):
+def adaptive_conv_macs(S=672, grid=24, channels=1024, e=ENRICHER):
     """The true cost of the JBU stack's adaptive convolutions run FeatUp's way (every layer, all channels, no
     pooling shortcut): k^2 multiply-adds per output value. fvcore cannot see FeatUp's CUDA kernel."""
-    return sum((grid << k) ** 2 * channels * (2 * radius + 1) ** 2 for k in range(1, layers + 1))
+    return sum(side ** 2 * channels * (2 * e.jbu_radius + 1) ** 2 for side in jbu_sizes(S, grid, e))
 
 
 def hire_table1():
@@ -463,7 +492,8 @@ def hire_table1():
                         implied / 1e9, "GFLOPs", note=f"all MACs {e.macs / 1e9:.1f} G; paper = rows' difference "
                                                        f"(+-1 G from rounding)"))
     rows.append(row("HIRE Table 1", "  JBU adaptive convolutions, FeatUp's way (unseen by fvcore)",
-                    adaptive_conv_macs() / 1e9, None, "GMACs", note="24 -> 768, 1024 channels, 7x7 taps"))
+                    adaptive_conv_macs() / 1e9, None, "GMACs", note="672, 24 -> 42 -> ... -> 672, 1024 channels, "
+                                                                   "7x7 taps"))
     return rows
 
 

@@ -51,6 +51,9 @@ class HIREConfig:
     jbu_key_dim: int = 32  # FeatUp
     jbu_dropout: float = 0.1  # FeatUp's Dropout2d in the range and fix-up projections
     jbu_chunk: int = 64  # channels pushed through the JBU stack at a time (memory, not maths)
+    # JBU output sizes: "decoder" = the UNet decoder's S/16 ... S (x_en at the image size, Eq. 1; the paper's
+    # reading), "doubling" = FeatUp's 2x per layer from E(i) (24 -> 768 at any S). See Enricher.
+    jbu_sizes: str = "decoder"
 
     @staticmethod
     def preset(name: str) -> "HIREConfig":
@@ -111,8 +114,10 @@ class UNet(nn.Module):
 
 class AdaptiveConv(torch.autograd.Function):
     """out[b,c,h,w] = sum_{i,j} kernel[b, i*d+j, h, w] * xp[b, c, h+i, w+j]  (FeatUp's AdaptiveConv), xp padded by r.
-    Tap by tap, forward and backward: the unfolded (B, C, d*d, H, W) tensor is never built, and the hand-written
-    backward accumulates into one gradient buffer instead of autograd's zero-filled copy per tap (2.4x faster)."""
+    The readable reference: tap by tap over the whole map, forward and backward; the unfolded (B, C, d*d, H, W)
+    tensor is never built, and the hand-written backward accumulates into one gradient buffer instead of
+    autograd's zero-filled copy per tap. At paper sizes each tap streams the whole map through memory (49 passes):
+    the model runs FusedAdaptiveConv, these same loops tile by tile; a test holds the two equal."""
 
     @staticmethod
     def forward(ctx, xp, kernel, radius):
@@ -127,6 +132,10 @@ class AdaptiveConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # Exact. FeatUp's CUDA backward for the kernel weights (adaptive_conv_kernel.cu) indexes the tap as
+        # blockIdx.z * blockIdx.z + threadIdx.z and launches one thread in z, so only taps {0, 1, 4, 9, 16, 25, 36}
+        # of 49 get a gradient (the rest stay zero); emulated on the CPU this moves the JBU parameter gradients by
+        # 42-104%. A model trained with FeatUp's CUDA op trained with that gradient, not this one.
         xp, kernel = ctx.saved_tensors
         d, (H, W) = 2 * ctx.radius + 1, kernel.shape[-2:]
         grad_x = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
@@ -142,7 +151,8 @@ class AdaptiveConv(torch.autograd.Function):
 
 class NeighbourSimilarity(torch.autograd.Function):
     """sim[b, i*d+j, h, w] = <qp[b, :, h+r, w+r], qp[b, :, h+i, w+j]>: each pixel's key against its d x d neighbours'
-    in the padded key map qp, tap by tap, with the same one-buffer backward as AdaptiveConv (4x autograd's)."""
+    in the padded key map qp, tap by tap, with the same one-buffer backward as AdaptiveConv (4x autograd's).
+    The readable reference of FusedNeighbourSimilarity."""
 
     @staticmethod
     def forward(ctx, qp, radius):
@@ -170,10 +180,106 @@ class NeighbourSimilarity(torch.autograd.Function):
         return grad_qp, None
 
 
+# The fused ops: the reference loops above, run on tiles (a band of rows x a chunk of channels) small enough that
+# a tile's input (with its r-row halo) stays in cache while all d*d taps read it. Each neighbourhood then comes from
+# memory once instead of d*d times (49 for FeatUp's 7x7). Same arithmetic, same order per output value; only the
+# backward's accumulation into the overlapping halos changes order. On a GPU one tile is the whole map (the
+# elementwise kernels stream it anyway). A torch.compile of the tap loop fuses it too (on this CPU: 4.6x over the
+# eager loop on one 64 x 336 x 336 map, about equal to tiling) but costs ~20 s of compiling per shape on first call
+# and needs a C++ compiler, which torch's CPU wheel does not bring.
+TILE_BYTES = 1 << 20  # a tile's padded input: about one core's L2 cache
+
+
+def tiles(x, rows_out, radius, split_channels=True):
+    """(channel slices, (first row, end row) bands) of x (B, C, rows_out + 2r, Wp) whose tiles' padded slabs hold
+    about TILE_BYTES."""
+    B, C, _, Wp = x.shape
+    if x.device.type != "cpu":
+        return [slice(0, C)], [(0, rows_out)]
+    budget = max(1, TILE_BYTES // (x.element_size() * B * Wp))  # channel-rows per slab
+    c = min(C, max(1, budget // (8 + 2 * radius))) if split_channels else C  # leave room for >= 8 rows
+    rows = max(1, budget // c - 2 * radius)
+    return ([slice(a, a + c) for a in range(0, C, c)],
+            [(h, min(h + rows, rows_out)) for h in range(0, rows_out, rows)])
+
+
+class FusedAdaptiveConv(torch.autograd.Function):
+    """AdaptiveConv tile by tile (see tiles): what the JBU layers run."""
+
+    @staticmethod
+    def forward(ctx, xp, kernel, radius):
+        r, d, (H, W) = radius, 2 * radius + 1, kernel.shape[-2:]
+        out = xp.new_empty(*xp.shape[:2], H, W)
+        chans, bands = tiles(xp, H, r)
+        for h0, h1 in bands:
+            n, k = h1 - h0, kernel[:, :, h0:h1]
+            for cs in chans:
+                x, o = xp[:, cs, h0:h1 + 2 * r], out[:, cs, h0:h1]
+                torch.mul(k[:, :1], x[:, :, :n, :W], out=o)
+                for t in range(1, d * d):
+                    i, j = divmod(t, d)
+                    o.addcmul_(k[:, t:t + 1], x[:, :, i:i + n, j:j + W])
+        ctx.save_for_backward(xp, kernel)
+        ctx.radius = radius
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp, kernel = ctx.saved_tensors  # exact gradient: see the note in AdaptiveConv.backward on FeatUp's CUDA op
+        r, d, (H, W) = ctx.radius, 2 * ctx.radius + 1, kernel.shape[-2:]
+        grad_x = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
+        grad_k = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
+        chans, bands = tiles(xp, H, r)
+        for h0, h1 in bands:
+            n, k = h1 - h0, kernel[:, :, h0:h1]
+            for cs in chans:
+                g, x = grad[:, cs, h0:h1], xp[:, cs, h0:h1 + 2 * r]
+                for t in range(d * d):
+                    i, j = divmod(t, d)
+                    if grad_x is not None:
+                        grad_x[:, cs, h0 + i:h0 + i + n, j:j + W].addcmul_(g, k[:, t:t + 1])
+                    if grad_k is not None:
+                        grad_k[:, t, h0:h1] += (g * x[:, :, i:i + n, j:j + W]).sum(1)
+        return grad_x, grad_k, None
+
+
+class FusedNeighbourSimilarity(torch.autograd.Function):
+    """NeighbourSimilarity band by band (all key channels at once: there are few)."""
+
+    @staticmethod
+    def forward(ctx, qp, radius):
+        r, d = radius, 2 * radius + 1
+        H, W = qp.shape[-2] - 2 * r, qp.shape[-1] - 2 * r
+        sim = qp.new_empty(qp.shape[0], d * d, H, W)
+        for h0, h1 in tiles(qp, H, r, split_channels=False)[1]:
+            n, q = h1 - h0, qp[:, :, h0:h1 + 2 * r]
+            centre = q[:, :, r:r + n, r:r + W]
+            for t in range(d * d):
+                i, j = divmod(t, d)
+                torch.sum(q[:, :, i:i + n, j:j + W] * centre, 1, out=sim[:, t, h0:h1])
+        ctx.save_for_backward(qp)
+        ctx.radius = radius
+        return sim
+
+    @staticmethod
+    def backward(ctx, grad):
+        qp, = ctx.saved_tensors
+        r, d, (H, W) = ctx.radius, 2 * ctx.radius + 1, grad.shape[-2:]
+        grad_qp = torch.zeros_like(qp)
+        for h0, h1 in tiles(qp, H, r, split_channels=False)[1]:
+            n, q, gq, g = h1 - h0, qp[:, :, h0:h1 + 2 * r], grad_qp[:, :, h0:h1 + 2 * r], grad[:, :, h0:h1]
+            centre, grad_centre = q[:, :, r:r + n, r:r + W], gq[:, :, r:r + n, r:r + W]
+            for t in range(d * d):
+                i, j = divmod(t, d)
+                gq[:, :, i:i + n, j:j + W].addcmul_(g[:, t:t + 1], centre)
+                grad_centre.addcmul_(g[:, t:t + 1], q[:, :, i:i + n, j:j + W])
+        return grad_qp, None
+
+
 def apply_kernel(x, kernel, radius):
     """x (B, C, H, W), kernel (B, d*d, H, W) -> (B, C, H, W): each pixel a weighted sum of its reflect-padded
     d x d neighbourhood, weights shared by all channels."""
-    return AdaptiveConv.apply(F.pad(x, [radius] * 4, mode="reflect"), kernel, radius)
+    return FusedAdaptiveConv.apply(F.pad(x, [radius] * 4, mode="reflect"), kernel, radius)
 
 
 def pool_kernel(kernel, grid, radius):
@@ -188,6 +294,53 @@ def pool_kernel(kernel, grid, radius):
     taps = k.flatten(3, 4).unbind(3)
     win = sum(F.pad(taps[t], (t % d, L - s - t % d, t // d, L - s - t // d)) for t in range(d * d))
     return win.reshape(B, h * w, L * L).transpose(1, 2) / (s * s)  # (B, L*L, h*w), F.unfold's layout
+
+
+def upsample_matrix(n_in, n_out, radius):
+    """(n_out + 2r, n_in): bicubic upsampling n_in -> n_out along one axis (align_corners=False), then reflect
+    padding by r, as a matrix (fp64, CPU). Both are separable, so pad(up(X)) = R X R^T for a map X."""
+    eye = torch.eye(n_in, dtype=torch.float64).view(1, n_in, n_in, 1)  # the basis vectors as channels
+    up = F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=False)
+    return F.pad(up, (0, 0, radius, radius), mode="reflect").view(n_in, n_out + 2 * radius).T
+
+
+def axis_windows(n_in, n_out, cells, radius, like):
+    """Along one axis, for each of `cells` pooling blocks: the rows of R (upsample_matrix) that the block's padded
+    window reads, cut to the input span they touch. Returns (A (cells, s+2r, L), pad_before, pad_after) such that
+    block c reads input positions [c * n_in/cells, + L) of the input padded by (pad_before, pad_after) zeros.
+    The geometry depends on the sizes only: it is found on the CPU, A then moves to `like`'s device and dtype."""
+    s, step = n_out // cells, n_in // cells
+    R = upsample_matrix(n_in, n_out, radius)
+    rows = torch.stack([R[c * s:c * s + s + 2 * radius] for c in range(cells)])  # (cells, s+2r, n_in)
+    used, pos = rows.ne(0).any(1), torch.arange(n_in)
+    first = torch.where(used, pos, n_in).min(1).values
+    last = torch.where(used, pos, -1).max(1).values
+    starts = step * torch.arange(cells)
+    before = int((starts - first).max().clamp_min(0))
+    L = int((last + 1 - starts + before).max())
+    after = step * (cells - 1) + L - n_in - before  # negative: crop
+    Rp = F.pad(R, (before, max(after, 0)))
+    A = torch.stack([Rp[c * s:c * s + s + 2 * radius, c * step:c * step + L] for c in range(cells)])
+    return A.to(like.device, like.dtype), before, after
+
+
+def fold_upsample(folded, grid, size_in, size_out, radius):
+    """Fold the bicubic upsampling size_in -> size_out that opens the last JBU layer (and its reflect padding) into
+    pool_kernel's weights: pool(apply_kernel(up(x), k)) = the returned weights on L x L windows of x itself,
+    zero-padded by `pad` (F.pad order), one window per block at stride size_in / grid. The last layer then never
+    touches a full-resolution map. Returns (weights (B, L*L, h*w), L, stride, pad)."""
+    (h, w), B = grid, folded.shape[0]
+    if size_in[0] % h or size_in[1] % w:
+        raise ValueError(f"the last JBU layer's input {tuple(size_in)} is not a multiple of the grid {grid}")
+    Ah, top, bottom = axis_windows(size_in[0], size_out[0], h, radius, folded)  # (h, s+2r, L)
+    Aw, left, right = axis_windows(size_in[1], size_out[1], w, radius, folded)
+    L = Ah.shape[-1]
+    if Aw.shape[-1] != L or size_in[0] // h != size_in[1] // w:
+        raise ValueError(f"non-square blocks: input {tuple(size_in)}, output {tuple(size_out)}, grid {grid}")
+    k = folded.view(B, Ah.shape[1], Aw.shape[1], h, w)  # (B, a, b, y, x): tap (a, b) of block (y, x)
+    v = torch.einsum("yai,nabyx->nibyx", Ah, k)
+    v = torch.einsum("nibyx,xbj->nijyx", v, Aw)  # (B, L, L, h, w)
+    return v.reshape(B, L * L, h * w), L, size_in[0] // h, [left, right, top, bottom]
 
 
 class JBU(nn.Module):
@@ -217,7 +370,7 @@ class JBU(nn.Module):
         r = self.radius
         q = self.range_proj(guide)  # (B, K, H, W)
         # similarity of each pixel's key to its d*d neighbours', tap by tap (no (B, K, d*d, H, W) tensor)
-        sim = NeighbourSimilarity.apply(F.pad(q, [r] * 4, mode="reflect"), r)
+        sim = FusedNeighbourSimilarity.apply(F.pad(q, [r] * 4, mode="reflect"), r)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         k = F.softmax(temp * sim, dim=1) * self.spatial_kernel().view(1, -1, 1, 1).to(sim.dtype)
         k = k / k.sum(1, keepdim=True).clamp_min(1e-7)  # joint bilateral kernel, sums to one
@@ -234,27 +387,34 @@ class JBU(nn.Module):
 class Enricher(nn.Module):
     """E_enr of Eq. (1)-(4): pool(J(U(I), E(i))), returned at E(i)'s grid for the concat of Eq. (4).
 
-    J starts at E(i) (h x w) and doubles 5 times (24 -> 768 for CLIP-L); layer k is guided by the UNet decoder map
-    of the matching scale (the k-th of the finest `jbu_layers` maps), resized to its output size. FeatUp ends its
-    stack with a residual 1x1 conv over the C channels; we leave it out: after pooling it is a CxC linear map that
-    the projector's first Linear already spans, and at C = 1024 it alone would be 1 M of the paper's 0.25 M."""
+    J starts at E(i) (h x w); layer k is guided by the k-th of the finest `jbu_layers` UNet decoder maps.
+    jbu_sizes="decoder" (the paper's reading, default): each layer outputs at its guide's size, S/16 ... S, so x_en
+    is at the image size, as Eq. (1) says and Sec. 2.2's decoder "back to 672x672" implies (CLIP-L at 672:
+    24 -> 42 -> 84 -> 168 -> 336 -> 672); Table 1's enricher cost agrees (flops.py). jbu_sizes="doubling" (FeatUp's
+    JBUStack): each layer doubles, 24 -> 768 at every input size, with its guide resized to that size by adaptive
+    average pooling as FeatUp's JBUStack does. FeatUp ends its stack with a residual 1x1 conv over the C channels;
+    we leave it out: after pooling it is a CxC linear map that the projector's first Linear already spans, and at
+    C = 1024 it alone would be 1 M of the paper's 0.25 M."""
 
     def __init__(self, cfg: HIREConfig):
         super().__init__()
         if not 1 <= cfg.jbu_layers <= len(cfg.unet_widths):
             raise ValueError(f"jbu_layers={cfg.jbu_layers} needs as many UNet decoder maps (unet_widths has "
                              f"{len(cfg.unet_widths)})")
-        self.chunk = cfg.jbu_chunk
+        if cfg.jbu_sizes not in ("decoder", "doubling"):
+            raise ValueError(f"jbu_sizes={cfg.jbu_sizes!r}: expected 'decoder' or 'doubling'")
+        self.chunk, self.sizes = cfg.jbu_chunk, cfg.jbu_sizes
         self.unet = UNet(cfg.unet_widths, cfg.guide_dim)
         self.jbu = nn.ModuleList(JBU(cfg.guide_dim, cfg.jbu_key_dim, cfg.jbu_radius, cfg.jbu_dropout)
                                  for _ in range(cfg.jbu_layers))
 
     def guides(self, image, grid):
-        """The guidance of each JBU layer, resized to its output size (grid * 2^k)."""
+        """The guidance of each JBU layer, at that layer's output size."""
         maps = self.unet(image)[-len(self.jbu):]
+        if self.sizes == "decoder":
+            return maps
         h, w = grid
-        return [F.interpolate(g, size=(h << k, w << k), mode="bilinear", align_corners=False, antialias=True)
-                for k, g in enumerate(maps, start=1)]
+        return [F.adaptive_avg_pool2d(g, (h << k, w << k)) for k, g in enumerate(maps, start=1)]
 
     def kernels(self, image, grid):
         return [layer.kernel(g) for layer, g in zip(self.jbu, self.guides(image, grid))]
@@ -262,20 +422,20 @@ class Enricher(nn.Module):
     def propagate(self, x, kernels):
         """pool(J(x)) with the kernels fixed. Every op acts on each channel alike, so channels go through the
         stack `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps, not C of them.
-        The last layer never runs at full resolution: the average pool is folded into its kernel (pool_kernel)."""
+        The last layer never runs at full resolution: the average pool is folded into its kernel (pool_kernel),
+        and the bicubic upsampling before it into those weights (fold_upsample)."""
         h, w = x.shape[-2:]
         r = self.jbu[0].radius
-        top = kernels[-1].shape[-2:]
-        folded = pool_kernel(kernels[-1], (h, w), r)  # (B, (s+2r)^2, h*w)
+        size_in = kernels[-2].shape[-2:] if len(kernels) > 1 else (h, w)
+        folded = pool_kernel(kernels[-1], (h, w), r)  # (B, (s+2r)^2, h*w) on the padded top map
+        folded, L, step, pad = fold_upsample(folded, (h, w), size_in, kernels[-1].shape[-2:], r)  # (B, L*L, h*w)
 
         def stack(xc, folded, *ks):
             for k in ks:
                 xc = F.interpolate(xc, size=k.shape[-2:], mode="bicubic", align_corners=False)
                 xc = apply_kernel(xc, k, r)
-            xc = F.interpolate(xc, size=top, mode="bicubic", align_corners=False)
-            s = top[0] // h
-            cols = F.unfold(F.pad(xc, [r] * 4, mode="reflect"), kernel_size=s + 2 * r, stride=s)
-            cols = cols.view(xc.shape[0], xc.shape[1], -1, h * w)  # (B, c, (s+2r)^2, h*w): each block's window
+            cols = F.unfold(F.pad(xc, pad), kernel_size=L, stride=step)
+            cols = cols.view(xc.shape[0], xc.shape[1], L * L, h * w)  # (B, c, L*L, h*w): each block's window
             return torch.einsum("bclp,blp->bcp", cols, folded).view(*xc.shape[:2], h, w)
 
         outs = []

@@ -59,8 +59,9 @@ def test_hire_enricher_paper_scale_counted_equals_analytic(S, path):
 
 
 def test_adaptive_convolution_cost():
-    # FeatUp's way: 5 layers 24 -> 768, 1024 channels, 7 x 7 taps per output value; no counter sees it
-    assert flops.adaptive_conv_macs() == 576 * (4 + 16 + 64 + 256 + 1024) * 1024 * 49
+    # FeatUp's way: 5 layers at the UNet decoder's sizes (42 ... 672), 1024 channels, 7 x 7 taps per output value;
+    # no counter sees it
+    assert flops.adaptive_conv_macs() == (42 ** 2 + 84 ** 2 + 168 ** 2 + 336 ** 2 + 672 ** 2) * 1024 * 49
 
 
 def test_text_tokens_fitted_from_llava_row():

@@ -59,39 +59,83 @@ def test_jbu_matches_naive_reference_forward_and_grads():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_kernels_sum_to_one_before_fixup_and_layers_double():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("radius", [1, 3])
+def test_fused_ops_equal_tap_by_tap_reference(dtype, radius, monkeypatch):
+    """The fused (tiled) adaptive convolution and neighbour similarity against the tap-by-tap reference: values and
+    gradients, odd sizes, reflect padding at the borders. Tiles of a few hundred bytes force uneven row bands and
+    channel chunks, so every tile edge and halo is crossed."""
     torch.manual_seed(0)
-    cfg = small_enricher_config(jbu_layers=5)
-    enr = hire.Enricher(cfg)
+    d, tol = 2 * radius + 1, dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    x = torch.randn(2, 5, 11, 9, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, d * d, 11, 9, dtype=dtype, requires_grad=True)
+    q = torch.randn(2, 4, 11, 9, dtype=dtype, requires_grad=True)
+    w, ws = torch.randn(2, 5, 11, 9, dtype=dtype), torch.randn(2, d * d, 11, 9, dtype=dtype)
+    pad = lambda t: F.pad(t, [radius] * 4, mode="reflect")
+    results = {}
+    for name, conv, sim in (("reference", hire.AdaptiveConv, hire.NeighbourSimilarity),
+                            ("fused", hire.FusedAdaptiveConv, hire.FusedNeighbourSimilarity)):
+        out, s = conv.apply(pad(x), k, radius), sim.apply(pad(q), radius)
+        results[name] = (out, s) + torch.autograd.grad((out * w).sum() + (s * ws).sum(), [x, k, q])
+    monkeypatch.setattr(hire, "TILE_BYTES", 600 if dtype == torch.float32 else 1200)
+    chans, bands = hire.tiles(pad(x), 11, radius)
+    assert len(chans) > 1 and len(bands) > 1  # the check below crosses tile edges
+    out, s = hire.FusedAdaptiveConv.apply(pad(x), k, radius), hire.FusedNeighbourSimilarity.apply(pad(q), radius)
+    results["tiled"] = (out, s) + torch.autograd.grad((out * w).sum() + (s * ws).sum(), [x, k, q])
+    for name in ("fused", "tiled"):
+        for a, b in zip(results[name], results["reference"]):
+            torch.testing.assert_close(a, b, **tol)
+    # and the reference is the naive unfold/einsum formula (values)
+    un = F.unfold(pad(x), d).view(2, 5, d * d, 11, 9)
+    torch.testing.assert_close(results["reference"][0], torch.einsum("bcthw,bthw->bchw", un, k), **tol)
+
+
+def test_kernels_sum_to_one_before_fixup_and_layer_sizes():
+    torch.manual_seed(0)
     image = torch.randn(1, 3, 64, 64)
+    # FeatUp's doubling stack: 3 -> 6 -> ... -> 96, guides resized by adaptive average pooling as its JBUStack does
+    enr = hire.Enricher(small_enricher_config(jbu_layers=5, jbu_sizes="doubling"))
     guides = enr.guides(image, (3, 3))
     assert [tuple(g.shape[-2:]) for g in guides] == [(6, 6), (12, 12), (24, 24), (48, 48), (96, 96)]
+    for g, m in zip(guides, enr.unet(image)):
+        torch.testing.assert_close(g, F.adaptive_avg_pool2d(m, g.shape[-2:]))
+    # the paper's reading (default): each layer at its UNet decoder map's size, S/16 ... S, unresized
+    enr = hire.Enricher(small_enricher_config(jbu_layers=5))
+    guides = enr.guides(image, (3, 3))
+    assert [tuple(g.shape[-2:]) for g in guides] == [(4, 4), (8, 8), (16, 16), (32, 32), (64, 64)]
+    for g, m in zip(guides, enr.unet(image)):
+        assert torch.equal(g, m)
     k = enr.jbu[0].kernel(guides[2], fixup=False)
-    assert k.shape == (1, 25, 24, 24)
-    torch.testing.assert_close(k.sum(1), torch.ones(1, 24, 24))
+    assert k.shape == (1, 25, 16, 16)
+    torch.testing.assert_close(k.sum(1), torch.ones(1, 16, 16))
     assert (k.sum(1) - enr.jbu[0].kernel(guides[2]).sum(1)).abs().max() > 1e-4  # the fix-up moves it off one
 
 
-def test_five_layer_stack_pools_back_to_24():
-    """CLIP-L geometry (24 x 24 grid, 5 JBU layers: 24 -> 768) for 336, 672 and 1008 inputs, at minimal widths."""
+@pytest.mark.parametrize("sizes", ["decoder", "doubling"])
+def test_five_layer_stack_pools_back_to_24(sizes):
+    """CLIP-L geometry (24 x 24 grid, 5 JBU layers) for 336, 672 and 1008 inputs, at minimal widths: the paper's
+    reading ends at the image size (x_en of Eq. 1 is H x W), FeatUp's doubling at 768 whatever the input."""
     torch.manual_seed(0)
     enr = hire.Enricher(small_enricher_config(unet_widths=[1] * 5, guide_dim=1, jbu_key_dim=1, jbu_layers=5,
-                                              jbu_radius=1, jbu_chunk=2)).eval()
+                                              jbu_radius=1, jbu_chunk=2, jbu_sizes=sizes)).eval()
     for size in (336, 672, 1008):
         with torch.no_grad():
             image = torch.randn(1, 3, size, size)
             assert [g.shape[-1] for g in enr.unet(image)] == [size // 16, size // 8, size // 4, size // 2, size]
             ks = enr.kernels(image, (24, 24))
-            assert [k.shape[-1] for k in ks] == [48, 96, 192, 384, 768]
+            want = [size // 16, size // 8, size // 4, size // 2, size] if sizes == "decoder" else [48, 96, 192, 384, 768]
+            assert [k.shape[-1] for k in ks] == want
             out = enr(image, torch.randn(1, 2, 24, 24))
         assert out.shape == (1, 2, 24, 24)
 
 
-def test_basis_and_folded_paths_equal_direct_computation():
-    """pool(J(E)) three ways: naive (every layer at full size, then pool), direct (channel chunks, pool folded into
-    the last kernel), basis (h*w one-hot responses M, then E @ M). Forward and parameter gradients."""
+@pytest.mark.parametrize("sizes", ["decoder", "doubling"])
+def test_basis_and_folded_paths_equal_direct_computation(sizes):
+    """pool(J(E)) three ways: naive (every layer at full size, then pool), direct (channel chunks, pool and the last
+    upsampling folded into the last kernel), basis (h*w one-hot responses M, then E @ M). Forward and parameter
+    gradients."""
     torch.manual_seed(0)
-    enr = hire.Enricher(small_enricher_config())
+    enr = hire.Enricher(small_enricher_config(jbu_sizes=sizes))
     image, feats = torch.randn(2, 3, 32, 32), torch.randn(2, 6, 2, 2)  # 4 positions < 6 channels
 
     def naive():
