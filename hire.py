@@ -512,9 +512,9 @@ class HIRE(nn.Module):
     # Training recipe as data (paper Sec. 3: "exactly following the same hyperparameters as LLaVA-1.5"); train.py
     # reads it. "train": part -> peak lr. No "template": the config's instruction template.
     STAGES = {
-        # tiny presets only: build the small LM that the paper recipes then freeze, LLaVA-style on the frozen
-        # pretrained tiny ViT (train.tiny_base), on QA in every instruction template and captions (data.MIX), so
-        # that each paper's frozen LM knows its own format
+        # tiny presets only, never part of a paper recipe: everything but the ViT trains together, on QA in every
+        # instruction template and captions (data.MIX). The tiny LM is no longer built this way but from text
+        # alone, as the papers' LMs are (bench/tiny_base.py)
         "base": {"template": "mix", "train": {"llm": 1e-3, "projector": 1e-3, "enricher": 1e-3}},
         # stage 1: projector + enricher, lr 1e-3 (LLaVA-1.5 pretraining), ViT and LLM frozen
         "pretrain": {"template": "plain", "train": {"projector": 1e-3, "enricher": 1e-3}},

@@ -2,19 +2,24 @@
 The papers' claims in miniature: every model of nanoHiRes trained the same way on the synthetic fine-detail set,
 then scored on held-out questions whose answer is a large, medium or small detail (data.py's "detail" tag).
 
-    python bench/miniature.py                       # the grid: 7 models x 3 seeds, table in out/miniature/
-    python bench/miniature.py --seeds 3 --align_iters 100 --iters 200 --jobs 2   # the same, spelled out
+    python bench/miniature.py                       # the grid: 7 models x 3 seeds, table + figure in out/miniature/
+    python bench/miniature.py --seeds 3 --align_iters 100 --iters 300 --lr_scale 5 --batch_size 8 --jobs 2
+                                                    # the same, spelled out
+    python bench/miniature.py --curve               # plus the learning curve (LLaVA-1.5 and S2 at 1/4 ... 2x)
     python bench/miniature.py --quick               # a couple of steps per model, from scratch (smoke test)
 
-Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as each paper trains: its alignment
-stage (ALIGN: LLaVA-1.5/HIRE/INF-LLaVA "pretrain" on captions, Pheye "stage1") for --align_iters steps, then its
-instruction stage (the model file's last) from that checkpoint (--init) for --iters steps. Every model starts
-from the same tiny pretrained ViT, LM and tokenizer (assets/, train.tiny_base), follows its paper's freezing
-recipe and learning rates, and gets the same steps, batch and seeds. Then the checkpoint answers the test split
-greedily and the answers are scored by exact match (data.normalize_answer), overall and per detail size. The
-table also gives the parameters the stage trains, the analytic first-token cost of the tiny config (flops.py;
-1 FLOP = 1 multiply-add, every one counted, as the papers count) and the median wall time per training step
-(log.jsonl).
+The task (--others=0): one item per image, on the 3x3 canvas, at one of three detail sizes, faded and under
+sensor noise (data.py); the question names its cell. Every model starts from the same tiny base (assets/,
+train.tiny_base): the ViT pretrained on 64-px views, and a text-only LM that knows the chat templates, the
+questions and the answer vocabulary but has never seen an image (bench/tiny_base.py), as the papers start from
+CLIP and a text LLM. Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as each paper
+trains: its alignment stage (ALIGN: LLaVA-1.5/HIRE/INF-LLaVA "pretrain" on captions, Pheye "stage1") for
+--align_iters steps, then its instruction stage (the model file's last) from that checkpoint (--init) for --iters
+steps, with its paper's freezing recipe and learning rates times one shared --lr_scale, the same steps, batch and
+seeds for every model. Then the checkpoint answers the test split greedily and the answers are scored by exact
+match (data.normalize_answer), overall and per detail size. The table also gives the parameters the stage
+trains, the analytic first-token cost of the tiny config (flops.py; 1 FLOP = 1 multiply-add, every one counted,
+as the papers count) and the median wall time per training step (log.jsonl).
 Runs go at most --jobs at a time, one thread each; a run whose result.json matches its arguments is reused.
 """
 import argparse
@@ -358,10 +363,10 @@ def parse_args(argv):
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every model")
     ap.add_argument("--align_iters", type=int, default=100,
                     help="steps of each paper's alignment stage first (ALIGN; 0: skip it), every model the same")
-    ap.add_argument("--iters", type=int, default=200,
+    ap.add_argument("--iters", type=int, default=300,
                     help="steps of the instruction stage (every model the same)")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--lr_scale", type=float, default=1.0,
+    ap.add_argument("--lr_scale", type=float, default=5.0,
                     help="train.py's --lr_scale for every run: scales each recipe's learning rates alike")
     ap.add_argument("--n_train", type=int, default=4000)
     ap.add_argument("--others", type=float, default=0.0,
@@ -406,14 +411,14 @@ def main(argv=None):
     t0 = time.time()
     if not args.from_scratch:
         train.tiny_base()  # shipped: a missing file fails here, not in every run
-    # the slowest runs first (CPU time per step measured on the tiny presets), so that the last to start are
-    # short and the --jobs workers finish together
+    # seed by seed (a stopped grid has whole seeds done), the slowest runs of a seed first (CPU time per step
+    # measured on the tiny presets), so that the --jobs workers finish together
     order = {k: i for i, k in enumerate(["hire", "pheye", "inf_llava", "inf_llava_dcm_add", "llava_s2",
                                          "pheye_global", "llava"])}
     budgets = CURVE_BUDGETS if args.curve else (1,)
     jobs = [(k, s, b) for k in args.keys for s in range(1, args.seeds + 1) for b in budgets
             if b == 1 or k in CURVE_KEYS]
-    jobs.sort(key=lambda j: (-j[2] * (1 + (j[0] in ("hire", "llava_s2"))), order.get(j[0], 9)))
+    jobs.sort(key=lambda j: (j[2] != 1, j[1], order.get(j[0], 9)))  # the grid seed by seed, then the curve
     reused = sum(cached(args, *job) is not None for job in jobs)
     results = []
 
