@@ -241,3 +241,9 @@ def test_missing_tiny_base_file_is_named(tmp_path, monkeypatch):
     open(tmp_path / "model.safetensors", "wb").close()
     with pytest.raises(FileNotFoundError, match=r"tokenizer.model is missing"):
         train.tiny_base()
+
+
+def test_learning_rate_scale_defaults_to_the_tiny_one_for_tiny_presets_only():
+    assert train.parse_args(["--model=llava"])[0].lr_scale == train.TINY_LR_SCALE == 5.0
+    assert train.parse_args(["--model=pheye", "--preset=paper-x4-448"])[0].lr_scale == 1.0  # the papers' rates
+    assert train.parse_args(["--model=hire", "--lr_scale=2"])[0].lr_scale == 2.0  # as given
