@@ -1,7 +1,8 @@
 """
 Data for nanoHiRes: images, conversations, chat templates, datasets, and the synthetic fine-detail set.
 
-    images         load_image: EXIF orientation, any PIL mode to RGB, LLaVA's pad-to-square, resize, CLIP norm
+    images         load_image: EXIF orientation, any PIL mode to RGB, LLaVA's pad-to-square or CLIP's centre
+                   crop, resize, CLIP norm
     conversations  tokenize_conversation: vicuna_v1 (LLaVA-1.5, HIRE), llama3 (INF-LLaVA), pheye, plain;
                    labels supervise only the assistant's answers and their end-of-turn token
     datasets       LlavaJsonDataset (LLaVA JSON + image folder), SyntheticDataset (rendered on the fly), collate
@@ -21,13 +22,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from llm import IGNORE, IMAGE_ID  # the prompt's image slot and the unsupervised label, which the models define
+
 log = logging.getLogger("nanohires.data")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# LLaVA pads with tuple(int(x * 255) for x in image_processor.image_mean): the mean truncated, not rounded
+PAD_COLOUR = tuple(int(255 * m) for m in CLIP_MEAN)   # (122, 116, 104)
 IMAGE_TOKEN = "<image>"
-IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX: one position the model expands into its image tokens
-IGNORE = -100     # label of every token that is not supervised
 MAX_PIXELS = 89_478_485   # PIL's own decompression-bomb limit (1024 * 1024 * 1024 // 4 // 3)
 
 
@@ -46,7 +49,7 @@ def _to_rgb(im, name):
     if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode == "RGBA":
-        back = Image.new("RGBA", im.size, tuple(round(255 * m) for m in CLIP_MEAN) + (255,))
+        back = Image.new("RGBA", im.size, PAD_COLOUR + (255,))
         im = Image.alpha_composite(back, im)
     if im.mode != "RGB":
         try:
@@ -57,7 +60,7 @@ def _to_rgb(im, name):
 
 
 def expand2square(im, colour):
-    """LLaVA-1.5's pad-to-square: the image centred on a square canvas of the CLIP mean colour."""
+    """LLaVA-1.5's pad-to-square: the image centred on a square canvas of the CLIP mean colour (PAD_COLOUR)."""
     w, h = im.size
     if w == h:
         return im
@@ -95,12 +98,20 @@ def open_image(path_or_pil, max_pixels=MAX_PIXELS):
     return _to_rgb(im, name)
 
 
-def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS):
-    """(3, size, size) float32, CLIP-normalised. pad_square: LLaVA's pad to square with the mean colour, else a
-    plain (aspect-changing) resize as INF-LLaVA and Pheye do. Bicubic, as CLIP's preprocessing."""
+def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS, center_crop=False):
+    """(3, size, size) float32, CLIP-normalised; bicubic, as CLIP's preprocessing. pad_square: LLaVA's pad to a
+    square with the mean colour, then resize. Else center_crop: CLIP's processor alone (resize the shortest side to
+    size, crop the centre; LLaVA-style training without --image_aspect_ratio pad, e.g. INF-LLaVA's pretraining),
+    or neither: a plain aspect-changing resize (Pheye)."""
     im = open_image(path_or_pil, max_pixels)
     if pad_square:
-        im = expand2square(im, tuple(round(255 * m) for m in CLIP_MEAN))
+        im = expand2square(im, PAD_COLOUR)
+    elif center_crop and im.width != im.height:
+        w, h = im.size  # as CLIPImageProcessor: the long side int(size * long / short), the crop's corner floored
+        w, h = (size, int(size * h / w)) if w < h else (int(size * w / h), size)
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
     if im.size != (size, size):
         im = im.resize((size, size), Image.BICUBIC)
     return clip_normalize(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1))  # (3, S, S), a copy
@@ -113,13 +124,20 @@ def clip_normalize(x):
 
 
 # ----------------------------------------------------------------------------- chat templates
-# LLaVA-1.5 conv_vicuna_v1 (sep " ", sep2 "</s>"): "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
+# Each template writes the conversation as one string, exactly as its release does, and tokenize_conversation
+# reads that string as the release's tokenizer does (see there).
+# LLaVA-1.5 conv_vicuna_v1 (llava/conversation.py; sep " ", sep2 "</s>"):
+#   "{SYSTEM} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-# LLaVA-NeXT's conv_llava_llama_3 system prompt (the LLaMA-3 LLaVA recipe INF-LLaVA trains with)
-LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
-                 "that the user provides, and assist the user with a variety of tasks using natural language.")
-# Pheye release (miguelscarv/pheye generate.py): f"{SYSTEM_PROMPT}\n\nInstruction: {prompt}\nOutput:"
+# INF-LLaVA conv_llama3 (INF_llava/conversation.py; MPT style, sep "<|eot_id|>"). Its system turn holds the
+# vicuna sentence, not LLaVA-NeXT's:
+#   "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>"
+#   "<|start_header_id|>user<|end_header_id|>\n\n<image>\n{q1}<|eot_id|>"
+#   "<|start_header_id|>assistant<|end_header_id|>\n\n{a1}<|eot_id|>..."
+LLAMA3_SYSTEM = VICUNA_SYSTEM
+# Pheye release (miguelscarv/pheye generate.py): f"{SYSTEM_PROMPT}\n\nInstruction: {prompt}\nOutput:"; the answer
+# is read back after "Output:" with its leading space stripped, so we train " {a}" + eos after it.
 PHEYE_SYSTEM = ("You are an AI visual assistant and you are seeing a single image. You will receive an instruction "
                 "regarding that image. Your goal is to follow the instruction as faithfully as you can.")
 TEMPLATES = ("vicuna_v1", "llama3", "pheye", "plain")
@@ -154,11 +172,23 @@ def _special(tok, s):
 
 
 def tokenize_conversation(tok, turns, template, where="conversation"):
-    """LLaVA-format turns -> (ids, labels), two lists of equal length. "<image>" becomes one IMAGE_ID position
-    (vicuna_v1, llama3, plain; added at the start of the first human turn if absent; Pheye has no placeholder,
-    its images enter by cross-attention). labels = ids on the assistant answers and their end-of-turn token,
-    IGNORE elsewhere. A final human turn without answer ends the ids with the assistant's prompt (for
-    generation). Segments are tokenised separately, so an answer's tokens never merge with the prompt's."""
+    """LLaVA-format turns -> (ids, labels), two lists of equal length. labels = ids on each assistant answer and
+    its end-of-turn token, IGNORE elsewhere. A final human turn without answer ends the ids with the assistant's
+    prompt (for generation): exactly the ids that precede the answer in training.
+
+    The ids are the release's tokenization of the whole conversation string (_encode): text between special
+    tokens is encoded in one piece, so the space after "ASSISTANT:" or "Output:" belongs to the answer's first
+    token ("▁The", " The") and no stray "▁" appears. "<image>" is moved to the front of the first human
+    turn, followed by "\n" (LLaVA's preprocess_multimodal), and becomes one IMAGE_ID position; as in LLaVA's
+    tokenizer_image_token, the text after it is a fresh tokenizer call (LLaMA: "▁", "\n" = 29871, 13).
+    Pheye has no placeholder: its images enter by cross-attention.
+
+    What is supervised: an answer's tokens start at len(tokens of everything before the answer), which is LLaVA's
+    instruction_len rule; counted on the whole prefix it needs no correction for legacy=False tokenizers (LLaVA's
+    `round_len -= 1` for rounds after the first). So vicuna_v1 supervises "▁{a}" and "</s>", llama3 "{a}" and
+    "<|eot_id|>" (everything through the assistant header's "\n\n" is masked, as preprocess_llama3 does), pheye
+    " {a}" and eos. Differences from the releases: plain ends the caption with eos (LLaVA's pretraining ends it
+    with "\n"), so that generation stops; a mismatch is never silently dropped (LLaVA masks the whole sample)."""
     if template not in TEMPLATES:
         raise DataError(f"unknown chat template {template!r} (one of {', '.join(TEMPLATES)})")
     check_turns(turns, where)
@@ -167,53 +197,72 @@ def tokenize_conversation(tok, turns, template, where="conversation"):
     if n_img > 1 or any(IMAGE_TOKEN in s for s in texts[1:]):
         raise DataError(f"{where}: '{IMAGE_TOKEN}' must appear at most once, in the first human turn")
     if template == "pheye":
-        texts[0] = texts[0].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "").strip()
-    elif n_img == 0:
-        texts[0] = IMAGE_TOKEN + "\n" + texts[0]
-    ids, labels = [], []
-
-    def add(piece, supervised=False):   # piece: text (may hold <image>) or a token id
-        if isinstance(piece, int):
-            new = [piece]
-        else:
-            new = []
-            for k, chunk in enumerate(piece.split(IMAGE_TOKEN)):
-                new += ([IMAGE_ID] if k else []) + (tok.encode(chunk) if chunk else [])
-        ids.extend(new)
-        labels.extend(new if supervised else [IGNORE] * len(new))
-
+        texts[0] = texts[0].replace(IMAGE_TOKEN, "").strip()
+    elif template != "plain":
+        texts[0] = IMAGE_TOKEN + "\n" + texts[0].replace(IMAGE_TOKEN, "").strip()
+    bos = [tok.bos_id] if tok.bos_id is not None and template != "pheye" else []  # Phi-1.5 adds no BOS
     eos = tok.eos_id
+    parts = []   # (piece, supervised): the conversation string as text pieces and token ids
+
     if template == "plain":   # LLaVA pretraining: image, caption, end; the human text is not used
         if len(texts) != 2:
             raise DataError(f"{where}: the plain template takes one human + one gpt turn, got {len(texts)} turns")
-        if tok.bos_id is not None:
-            add(tok.bos_id)
-        add(IMAGE_ID)
-        add(texts[1], True), add(eos, True)
-        return ids, labels
-    if template == "vicuna_v1":
-        if tok.bos_id is not None:
-            add(tok.bos_id)
-        add(VICUNA_SYSTEM + " ")
+        parts = [(IMAGE_ID, False), (texts[1], True), (eos, True)]
+    elif template == "vicuna_v1":
         for j in range(0, len(texts), 2):
-            add(f"USER: {texts[j]} ASSISTANT:")
+            parts.append(((VICUNA_SYSTEM + " " if j == 0 else "") + f"USER: {texts[j]} ASSISTANT:", False))
             if j + 1 < len(texts):
-                add(" " + texts[j + 1], True), add(eos, True)
+                parts += [(" " + texts[j + 1], True), (eos, True)]
     elif template == "llama3":
         begin, eot = _special(tok, "<|begin_of_text|>"), _special(tok, "<|eot_id|>")
         start, end = _special(tok, "<|start_header_id|>"), _special(tok, "<|end_header_id|>")
-        header = lambda role: (add(start), add(role), add(end), add("\n\n"))
-        add(begin), header("system"), add(LLAMA3_SYSTEM), add(eot)
+        header = lambda role: [(start, False), (role, False), (end, False), ("\n\n", False)]
+        # the release's tokenizer adds <|begin_of_text|> and the template writes it again: two, as INF-LLaVA has
+        parts = [(begin, False), *header("system"), (LLAMA3_SYSTEM, False), (eot, False)]
         for j in range(0, len(texts), 2):
-            header("user"), add(texts[j]), add(eot), header("assistant")
+            parts += [*header("user"), (texts[j], False), (eot, False), *header("assistant")]
             if j + 1 < len(texts):
-                add(texts[j + 1], True), add(eot, True)
-    else:   # pheye: no BOS (Phi-1.5's tokenizer adds none); later rounds repeat Instruction/Output
+                parts += [(texts[j + 1], True), (eot, True)]
+    else:   # pheye: later rounds (ours; the release is single-turn) repeat Instruction/Output
         for j in range(0, len(texts), 2):
-            add((PHEYE_SYSTEM + "\n\n" if j == 0 else "\n\n") + f"Instruction: {texts[j]}\nOutput:")
+            parts.append(((PHEYE_SYSTEM + "\n\n" if j == 0 else "\n\n") + f"Instruction: {texts[j]}\nOutput:", False))
             if j + 1 < len(texts):
-                add(" " + texts[j + 1], True), add(eos, True)
+                parts += [(" " + texts[j + 1], True), (eos, True)]
+
+    pieces = [p for p, _ in parts]
+    ids = bos + _encode(tok, pieces)
+    labels = [IGNORE] * len(ids)
+    for k, (_, supervised) in enumerate(parts):
+        if supervised and (k == 0 or not parts[k - 1][1]):                 # an answer starts here; find where it ends
+            e = next((m for m in range(k, len(parts)) if not parts[m][1]), len(parts))
+            a = len(bos) + len(_encode(tok, pieces[:k]))
+            b = len(ids) if e == len(parts) else len(bos) + len(_encode(tok, pieces[:e]))
+            labels[a:b] = ids[a:b]
     return ids, labels
+
+
+def _encode(tok, pieces):
+    """Text pieces and token ids -> ids, as a release's tokenizer reads the string they spell: adjacent text is
+    joined and encoded whole; text right after a special token gets no SentencePiece dummy prefix (HF's LLaMA
+    tokenizer, legacy=False, as LLaVA-1.5's vicuna-v1.5 config sets); "<image>" splits the string into chunks that
+    are tokenised separately (tokenizer_image_token), so the text after it starts afresh, with the prefix."""
+    ids, run, fresh = [], [], True
+    for p in pieces + [None]:
+        if isinstance(p, str):
+            run.append(p)
+            continue
+        for k, chunk in enumerate("".join(run).split(IMAGE_TOKEN)):
+            if k:
+                ids.append(IMAGE_ID)
+                fresh = True
+            if chunk:
+                ids += tok.encode(chunk, prefix=fresh)
+                fresh = False
+        run = []
+        if p is not None:
+            ids.append(p)
+            fresh = p == IMAGE_ID
+    return ids
 
 
 def truncate(ids, labels, max_len, where="sample"):
@@ -257,32 +306,6 @@ def pad_id_of(tok):
     return next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
 
 
-def splice_image(idx, embed, image_embeds, labels=None, mask=None):
-    """LLaVA's splice: each row's single IMAGE_ID position becomes the N image tokens. embed maps ids to
-    (B, T, D) token embeddings; returns embeds (B, T-1+N, D), and labels / mask stretched to match (IGNORE and 1
-    on the image positions)."""
-    B, T = idx.shape
-    N = image_embeds.shape[1]
-    is_image = idx == IMAGE_ID
-    counts = is_image.sum(1)
-    for b in range(B):
-        if counts[b] != 1:
-            raise DataError(f"prompt {b} has {int(counts[b])} <image> placeholders; every row needs exactly one "
-                            f"IMAGE_ID ({IMAGE_ID})")
-    p = is_image.int().argmax(1, keepdim=True)  # (B, 1)
-    t = torch.arange(T - 1 + N, device=idx.device).expand(B, -1)  # output positions
-    # gather index into cat([text (T), image (N)]): text before p, the image tokens, then the rest of the text
-    src = torch.where(t < p, t, torch.where(t < p + N, T + t - p, t - N + 1))
-    text = embed(idx.masked_fill(is_image, 0))
-    both = torch.cat([text, image_embeds.to(text.dtype)], dim=1)
-    embeds = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
-    if labels is not None:
-        labels = torch.cat([labels, labels.new_full((B, N), IGNORE)], dim=1).gather(1, src)
-    if mask is not None:
-        mask = torch.cat([mask, mask.new_ones(B, N)], dim=1).gather(1, src)
-    return embeds, labels, mask
-
-
 def count_targets(labels):
     """Tokens the loss counts: the model predicts labels[:, 1:] from the positions before them."""
     return (labels[..., 1:] != IGNORE).sum()
@@ -310,9 +333,9 @@ class _Samples(torch.utils.data.Dataset):
     """What both datasets share: record(i) + image(i) -> (pixels, ids, labels); collate; qa_set.
     Picklable (no lambdas, no open files): DataLoader workers get a copy."""
 
-    def _init(self, tok, template, image_size, pad_square, max_len):
+    def _init(self, tok, template, image_size, pad_square, max_len, center_crop=False):
         self.tok, self.template, self.image_size = tok, template, image_size
-        self.pad_square, self.max_len, self.n_truncated = pad_square, max_len, 0
+        self.pad_square, self.center_crop, self.max_len, self.n_truncated = pad_square, center_crop, max_len, 0
         self.max_pixels = MAX_PIXELS
         if template not in TEMPLATES + ("mix",):
             raise DataError(f"unknown chat template {template!r} (one of {', '.join(TEMPLATES)}, mix)")
@@ -332,7 +355,8 @@ class _Samples(torch.utils.data.Dataset):
         if cut:   # counted per process (each DataLoader worker counts its own)
             self.n_truncated += 1
             warnings.warn(f"{caught[0].message} [{self.n_truncated} truncated so far]", stacklevel=2)
-        return load_image(self.image(i), self.image_size, self.pad_square, self.max_pixels), ids, labels, rec
+        return (load_image(self.image(i), self.image_size, self.pad_square, self.max_pixels, self.center_crop), ids,
+                labels, rec)
 
     def template_of(self, i):
         return MIX[i % len(MIX)] if self.template == "mix" else self.template
@@ -393,8 +417,9 @@ class LlavaJsonDataset(_Samples):
     val_every-th record, at most n of them)."""
 
     def __init__(self, path, tok, template="vicuna_v1", image_size=64, pad_square=True, max_len=None,
-                 image_dir=None, skip_bad=False, split=None, n=None, val_every=50, max_pixels=MAX_PIXELS):
-        self._init(tok, template, image_size, pad_square, max_len)
+                 image_dir=None, skip_bad=False, split=None, n=None, val_every=50, max_pixels=MAX_PIXELS,
+                 center_crop=False):
+        self._init(tok, template, image_size, pad_square, max_len, center_crop)
         self.path, self.skip_bad, self.max_pixels = path, skip_bad, max_pixels
         self.image_dir = image_dir or os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(self.image_dir):
@@ -614,8 +639,8 @@ class SyntheticDataset(_Samples):
     chance that each non-target cell holds an item (OTHERS: the full scenes; 0: one item per image)."""
 
     def __init__(self, tok, n=1000, split="train", seed=0, template="vicuna_v1", image_size=64, pad_square=True,
-                 max_len=None, task="qa", others=OTHERS):
-        self._init(tok, template, image_size, pad_square, max_len)
+                 max_len=None, task="qa", center_crop=False, others=OTHERS):
+        self._init(tok, template, image_size, pad_square, max_len, center_crop)
         if n < 1:
             raise DataError(f"synthetic dataset: empty (n={n})")
         synthetic_record(seed, split, 0, task, others)   # validates split, task and others now, not in a worker
@@ -697,16 +722,17 @@ def patch_example(seed, split, i, view=64, patch=8, scales=(1, 1, 2, 3), others=
 
 
 def make_dataset(data, tok, template, image_size, pad_square, max_len=None, split="train", n=1000, seed=0,
-                 image_dir=None, skip_bad=False, task=None, others=OTHERS):
+                 image_dir=None, skip_bad=False, task=None, center_crop=False, others=OTHERS):
     """train.py's entry: "synthetic" (task: captions for the plain template, else QA; others: as
     SyntheticDataset) or a LLaVA JSON path."""
     if data == "synthetic":
         task = task or ("caption" if template == "plain" else "qa")
         return SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=image_size,
-                                pad_square=pad_square, max_len=max_len, task=task, others=others)
+                                pad_square=pad_square, max_len=max_len, task=task, center_crop=center_crop,
+                                others=others)
     return LlavaJsonDataset(data, tok, template=template, image_size=image_size, pad_square=pad_square,
                             max_len=max_len, image_dir=image_dir or None, skip_bad=skip_bad, split=split,
-                            n=n if split != "train" else None)
+                            n=n if split != "train" else None, center_crop=center_crop)
 
 
 # ----------------------------------------------------------------------------- the tiny tokenizer

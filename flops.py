@@ -192,8 +192,10 @@ def pheye_eq4(N_T, N_I, D, D_vit, I):
 
 def dense_cross_attention(T, N_I, d, d_vit, ffn_mult=4):
     """One Pheye dense cross-attention block (Fig. 2): q, o on the T text tokens, k, v straight from the ViT width
-    on the N_I image tokens, attention T x N_I, then a 4x feed-forward. Two LayerNorms (fvcore: 5/element)."""
-    return (linear(T, d, d) * 2 + linear(N_I, d_vit, d) * 2 + attention(T, N_I, d)
+    on the N_I image tokens, attention T x N_I at the release's inner width max(d, d_vit), then a 4x
+    feed-forward. Two LayerNorms (fvcore: 5/element)."""
+    inner = max(d, d_vit)
+    return (linear(T, d, inner) + linear(T, inner, d) + linear(N_I, d_vit, inner) * 2 + attention(T, N_I, inner)
             + linear(T, d, ffn_mult * d) + linear(T, ffn_mult * d, d) + layer_norm(T, d, count=2))
 
 
@@ -403,13 +405,15 @@ def pheye(resolution, interval, vit_cfg="vit-h-14", lm="phi-1.5", text_tokens=65
     """Pheye first token: the ViT with the global adapter on the 224 view and the local adapter on the
     (resolution/224)^2 tiles (last layer, CLS kept: 257 tokens each), two LayerNorms, then the LM over the text
     alone with dense cross-attention to all P*257 vision tokens every `interval` layers. local=False: the
-    global view alone (P = 1)."""
+    global view alone (P = 1), as the release's level 1."""
     c, lm_ = vit_shape(vit_cfg), lm_shape(lm)
     if resolution % c.image_size:
         raise ValueError(f"resolution {resolution} is not a multiple of the ViT tile size {c.image_size}")
     tiles = (resolution // c.image_size) ** 2 if local else 0
     n = vit_tokens(c) + 1
-    vis = vit(c, lora_rank=lora_rank[0]) + vit(c, lora_rank=lora_rank[1]) * tiles + layer_norm(n * (1 + tiles), c.width)
+    # LayerNorms: one per token (global, local); global-only adds the release's level-1 LayerNorm connector
+    norms = layer_norm(n * (1 + tiles), c.width, count=1 if local else 2)
+    vis = vit(c, lora_rank=lora_rank[0]) + vit(c, lora_rank=lora_rank[1]) * tiles + norms
     return vis + pheye_lm(text_tokens, n * (1 + tiles), lm_, c.width, interval, head_tokens)
 
 

@@ -4,6 +4,7 @@ models it measures itself against, in one class: LLaVA-1.5 (enricher="none"), LL
 LLaVA-1.5-HIRE (enricher="hire").
 
     python hire.py --image cat.jpg --prompt "What is in the image?" [--ckpt out/hire/ckpt]
+    python hire.py --release llava-1.5-7b-hf --image cat.jpg --prompt "..."   # released LLaVA-1.5 (from_release)
 
 HIRE has no public code. Where the paper is silent we follow LLaVA-1.5 (projector, splice, recipe), FeatUp's
 JBULearnedRange (the enriching layer) and S2's s2wrapper (the baseline), and say so in a comment.
@@ -23,8 +24,9 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 import data
+import llm as llmlib
 import vit as vitlib
-from llm import LLM, LLMConfig, next_token_loss
+from llm import LLM, LLMConfig, next_token_loss, splice_image
 from vit import ViT, ViTConfig
 
 
@@ -64,7 +66,7 @@ class HIREConfig:
             "paper": lambda: HIREConfig(),  # CLIP-L/336 + Vicuna-7B-v1.5, I at 672 (Table 3)
             "paper-1008": lambda: HIREConfig(image_size=1008),  # Table 1's 1008 row
             "qwen": lambda: HIREConfig(llm=qwen7b),
-            # spec.md's shared tiny sizes: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
+            # the tiny sizes every model shares: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
             # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
             # 1 px of 128), half-width UNet and keys (0.05 M), and 4 JBU layers, not 5, taking E(i) (8 x 8) to
             # 128 = the input size, as Eq. (1) says ("up to the original image size"). With the paper's shape
@@ -627,12 +629,12 @@ class HIRE(nn.Module):
         """(B, N, d_model) visual tokens (576 for CLIP-L/336)."""
         return self.projector(self.vision_features(pixels))
 
-    # --- the LLaVA splice (data.splice_image) and the LM ------------------------------------------------------
+    # --- the LLaVA splice (llm.splice_image) and the LM -------------------------------------------------------
     def forward(self, pixels, idx, labels=None, mask=None, reduction="mean"):
         """Logits (B, T-1+N, V), and the next-token loss over labels != IGNORE when labels are given."""
         if labels is not None and labels.shape != idx.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match idx {tuple(idx.shape)}")
-        embeds, labels, mask = data.splice_image(idx, self.llm.embed, self.encode_images(pixels), labels, mask)
+        embeds, labels, mask = splice_image(idx, self.llm.embed, self.encode_images(pixels), labels, mask)
         logits = self.llm(embeds=embeds, mask=mask)
         if labels is None:
             return logits
@@ -641,7 +643,7 @@ class HIRE(nn.Module):
     @torch.no_grad()
     def generate(self, pixels, idx, max_new_tokens=32, mask=None, temperature=0.0, eos_id=None):
         """(B, new) token ids; idx left-padded (mask 0 on padding) when prompts differ in length."""
-        embeds, _, mask = data.splice_image(idx, self.llm.embed, self.encode_images(pixels), mask=mask)
+        embeds, _, mask = splice_image(idx, self.llm.embed, self.encode_images(pixels), mask=mask)
         return self.llm.generate(embeds=embeds, mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                  eos_id=eos_id)
 
@@ -660,6 +662,48 @@ class HIRE(nn.Module):
             if model.enricher is not None:
                 model.enricher.to(dtype)
         return model
+
+    @classmethod
+    def from_release(cls, path, vit=None, dtype=None) -> "HIRE":
+        """LLaVA-1.5 as released, as enricher="none": llava-hf's conversion (llava-hf/llava-1.5-7b-hf, safetensors)
+        or LLaVA's own (liuhaotian/llava-v1.5-7b: its config fields, pytorch_model-*.bin read with
+        torch.load(weights_only=True), or safetensors after `python llm.py --to_safetensors DIR`). vit: the CLIP
+        directory of mm_vision_tower, needed when the release holds no tower weights. Every key is mapped by
+        LLAVA_KEYS / LLAVA_HF_KEYS and every shape checked; unimplemented config fields are refused by name."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: no config.json (expected a LLaVA-1.5 release directory)")
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        tensors = llmlib.read_release(path)
+        if "text_config" in cfg:   # llava-hf: LlavaForConditionalGeneration
+            text = {**LLAMA_DEFAULTS, **cfg["text_config"]}
+            got = {"text_config.model_type": text.get("model_type"),   # field -> (value, what we implement)
+                   "vision_config.model_type": cfg.get("vision_config", {}).get("model_type"),
+                   "projector_hidden_act": cfg.get("projector_hidden_act", "gelu"),
+                   "vision_feature_select_strategy": cfg.get("vision_feature_select_strategy", "default"),
+                   "multimodal_projector_bias": cfg.get("multimodal_projector_bias", True)}
+            want = {"text_config.model_type": "llama", "vision_config.model_type": "clip_vision_model",
+                    "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+                    "multimodal_projector_bias": True}
+            bad = [f"{k}={got[k]!r} (we implement {w!r})" for k, w in want.items() if got[k] != w]
+            layer = cfg.get("vision_feature_layer", -2)
+            if not isinstance(layer, int):
+                bad.append(f"vision_feature_layer={layer!r} (we implement one layer)")
+            if bad:
+                raise ValueError(f"{path}/config.json: not implemented here: {', '.join(bad)}")
+            llm_cfg, table = LLMConfig.from_hf(text), LLAVA_HF_KEYS
+            vit_cfg, tower = ViT.config_from_hf(cfg["vision_config"], path), None
+        else:   # LLaVA's own release
+            llm_cfg, name, layer = llmlib.llava_config(cfg, path)
+            table = LLAVA_KEYS
+            inside = any(k.startswith("model.vision_tower.vision_tower.") for k in tensors)
+            vit_cfg, tower = vitlib.release_tower(name, vit, inside, path, dtype)
+        config = HIREConfig(vit=vit_cfg, llm=llm_cfg, enricher="none", vit_layer=layer, pad_square=True,
+                            template="vicuna_v1")
+        with torch.device("meta"):
+            model = cls(config, vit=tower)
+        llmlib.load_release(model, tensors, table, path, dtype, exclude=("vit.",) if tower is not None else ())
+        return model.to(dtype or torch.float32).eval()
 
     def save(self, path):
         """config.json (dataclasses.asdict) + model.safetensors; written to path.tmp, then renamed."""
@@ -704,6 +748,27 @@ class HIRE(nn.Module):
         return model
 
 
+# ----------------------------------------------------------------------------- released LLaVA-1.5 checkpoints
+VIT = vitlib.tower_key
+# release key prefix -> our prefix (or a function of the rest); the longest matching prefix wins (llm.load_release)
+LLAVA_KEYS = [   # liuhaotian/llava-v1.5-7b: LlavaLlamaForCausalLM (llava/model/llava_arch.py)
+    ("model.", "llm."), ("lm_head.", "llm.lm_head."),
+    ("model.mm_projector.0.", "projector.0."), ("model.mm_projector.2.", "projector.2."),
+    ("model.vision_tower.vision_tower.vision_model.", VIT)]
+LLAVA_HF_KEYS = [   # llava-hf/llava-1.5-7b-hf as on the hub (transformers 4), as saved by transformers >= 4.52, and
+    # as saved by transformers 5 (the tower without its vision_model. level)
+    ("language_model.model.", "llm."), ("model.language_model.", "llm."),
+    ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head."),
+    ("vision_tower.vision_model.", VIT), ("model.vision_tower.vision_model.", VIT), ("vision_tower.", VIT),
+    ("model.vision_tower.", VIT),
+    ("multi_modal_projector.linear_1.", "projector.0."), ("model.multi_modal_projector.linear_1.", "projector.0."),
+    ("multi_modal_projector.linear_2.", "projector.2."), ("model.multi_modal_projector.linear_2.", "projector.2.")]
+# LlamaConfig's defaults: llava-hf's config.json writes only the text_config fields that differ from them
+LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+                  "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+
+
 def _unique_state(model):
     """state_dict without the second name of a tied tensor (safetensors refuses shared storage)."""
     seen, out = set(), {}
@@ -722,13 +787,18 @@ def main(argv):
     ap.add_argument("--image", required=True)
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--ckpt", default=None, help="a HIRE.save directory (with its tokenizer); else a random tiny")
+    ap.add_argument("--release", default=None, help="a released LLaVA-1.5 directory (HIRE.from_release)")
+    ap.add_argument("--vit", default=None, help="with --release: the CLIP directory its config names, if needed")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--enricher", default=None, choices=["hire", "s2", "none"])
     ap.add_argument("--max_new_tokens", type=int, default=32)
     args = ap.parse_args(argv)
     from llm import Tokenizer
     torch.manual_seed(0)
-    if args.ckpt:
+    if args.release:
+        model, tok_dir = HIRE.from_release(args.release, args.vit, getattr(torch, args.dtype)), args.release
+    elif args.ckpt:
         model, tok_dir = HIRE.load(args.ckpt), args.ckpt
     else:
         config = HIREConfig.preset(args.preset)

@@ -14,25 +14,43 @@ release choice sits behind a config switch, and `INFLLaVAConfig.preset("paper-re
     |----------------|--------------------------------------------------|-------------------------------------------|
     | windows        | V_glo: global queries in strided windows C_glo;  | swapped: global queries in contiguous     |
     |                | V_loc: local queries in contiguous windows C_loc | windows, local queries in strided ones    |
-    | attention      | one head, W_q/W_k/W_v without bias, no W_o, no   | one module shared by both directions:     |
-    |                | residual (Eq. 20-21, 24-25); one per direction   | 8 heads, biases, W_o, LayerNorm(W_o(a)+q) |
+    | attention      | one head, W_q/W_k/W_v without bias, no W_o, no   | 8 heads, biases, W_o,                     |
+    |                | residual (Eq. 20-21, 24-25)                      | LayerNorm(W_o(a) + q)                     |
+    | share_attention| False: one W_q/W_k/W_v per direction (our        | True: one attention module serves both    |
+    |                | reading; Eq. 20-21 and 24-25 reuse the symbols   | directions                                |
+    |                | and never say whether they are shared)           |                                           |
     | fusion         | "linear_concat": [V_glo W_glo; V_loc W_loc],     | "release": per path Linear(d, d/16) -     |
     |                | W: d -> d/2 without bias (Eq. 26-27)             | GELU - Linear(d/16, d/2); then            |
     |                |                                                  | LayerNorm([loc; glo] + V_glo + V_loc)     |
-    | downsample     | "avgpool" (Eq. 7)                                | "bilinear" to 24x24 (picks the centre     |
-    |                |                                                  | token of each 3x3 block)                  |
+    | downsample     | "avgpool" (Eq. 7)                                | "bilinear" to 24x24, written for n = 3    |
+    |                |                                                  | only: there it picks the centre token of  |
+    |                |                                                  | each 3x3 block (at n = 2 it would average |
+    |                |                                                  | 2x2, at n = 4 take the mean of the        |
+    |                |                                                  | central 2x2), so other grids are refused  |
     | dual_combine   | "sum" of the two feature maps (Sec. 5.5.1)       | "mean"                                    |
 
-Input preparation (the paper does not say): the release pads the image to a square with the CLIP mean colour
-(`--image_aspect_ratio pad` in its fine-tuning script; its pretraining script centre-crops instead) and resizes
-it to 1008x1008, so `pad_square=True` and data.load_image resizes any size, small images included;
-forward() then refuses pixels whose sides are not multiples of the ViT tile (it never pads or crops), and the
-336 view is a bicubic resize of the 1008 pixels, as in the release.
+Input preparation (the paper does not say; the release's scripts do). Training images come at 1008: the
+release scales CLIP's processor by 3 (shortest side to 1008, centre crop 1008). Its fine-tuning script pads
+to a square with the CLIP mean colour first (`--image_aspect_ratio pad`), its pretraining script does not, so
+STAGES["pretrain"] centre-crops and fine-tuning (and inference) pad: `pad_square=True`, data.load_image.
+forward() refuses pixels the config cannot crop: sides multiples of the ViT tile, the longer one image_size,
+so a 336-px image never runs DCM/DEM at n = 1. The release's inference is different: it preprocesses at 336
+and its encode_images resizes every input bicubically to 1008, so its 1008 view carries only 336-level detail;
+`resize_input=True` reproduces that. The low-res view is a bicubic resize of the input as given to 336 (of a
+1008 training image; of a 336 inference image, the image itself), as in the release.
+
+Released checkpoints (WeihuangLin/INF-LLaVA-sft, INF_star-LLaVA-sft): `INFLLaVA.from_release(dir)` and
+`python inf_llava.py --release DIR`. The release's inference path takes the 336x336 view (padded to square, as
+LLaVA) and upsamples it bicubically to 1008 inside encode_images; `resize_input=True` (set by from_release) does the
+same, and its 336 view is then the input itself. Without it (the paper's reading, and our training) the image is loaded at
+1008 directly, so the sub-images hold real detail above 336 px. The release hard-codes 3x3 sub-images, 1008 px, a
+24x24 output grid and 1024 channels; here they follow the tower and image_size (equal for CLIP-L/336 at 1008).
 
 Ablation switches (Tables 3-6): `image_size` with `dual` (single 336..1680 or dual [336+N]); `dem` "global" /
-"local" (Table 4) or "none"; `fusion` "conv3x3" / "mul" / "weighted_add" / "maxpool" / "add" /
-"linear_concat" (Table 5); `dcm` "local" / "global" (with dem="none"), and dcm="both" + dem="none" is the
-"w/ DCM" row (F_loc + F_glo, Table 6).
+"local" (Table 4: V_glo or V_loc alone, no fusion projection: our reading) or "none"; `fusion` "conv3x3" /
+"mul" / "weighted_add" / "maxpool" / "add" / "linear_concat" (Table 5); `dcm` "local" / "global" (Table 6's
+"w/ DCM local/global": DEM with one perspective's crops only, which our reading feeds to DEM as both its
+inputs; with dem="none" the plain features), and dcm="both" + dem="none" is the "w/ DCM" row (F_loc + F_glo).
 """
 import argparse
 import dataclasses
@@ -46,8 +64,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
-from data import splice_image
-from llm import LLM, LLMConfig, next_token_loss
+import llm as llmlib
+import vit as vitlib
+from llm import LLM, LLMConfig, next_token_loss, splice_image
 from vit import ViT, ViTConfig
 
 CHOICES = {
@@ -59,8 +78,8 @@ CHOICES = {
     "downsample": ("avgpool", "bilinear"),
     "dual_combine": ("sum", "mean"),
 }
-RELEASE = dict(windows="release", attention="release", fusion="release", downsample="bilinear",
-               dual_combine="mean")
+RELEASE = dict(windows="release", attention="release", share_attention=True, fusion="release",
+               downsample="bilinear", dual_combine="mean")
 
 
 @dataclass
@@ -68,7 +87,8 @@ class INFLLaVAConfig:
     vit: ViTConfig = field(default_factory=lambda: ViTConfig.preset("clip-vit-l-14-336"))
     llm: LLMConfig = field(default_factory=lambda: LLMConfig.preset("llama3-8b"))
     image_size: int = 1008        # high-res side; n = image_size // vit.image_size tiles per side (Eq. 9-10)
-    pad_square: bool = True       # the release pads to a square before resizing (see the docstring)
+    resize_input: bool = False    # True: bicubic-resize any input to image_size first (the release's inference)
+    pad_square: bool = True       # fine-tuning and inference pad to a square; STAGES["pretrain"] centre-crops
     template: str = "llama3"      # LLaMA-3-Instruct chat template (header ids, <|eot_id|>)
     vit_path: str | None = None
     llm_path: str | None = None
@@ -78,9 +98,15 @@ class INFLLaVAConfig:
     dem: str = "both"             # enhancement directions (Table 4); "none": no DEM (Table 6)
     windows: str = "paper"
     attention: str = "paper"
+    share_attention: bool = False  # one attention module for both DEM directions (the release), or one each
     fusion: str = "linear_concat"
     downsample: str = "avgpool"
     dual_combine: str = "sum"
+
+    @property
+    def input_size(self) -> int:
+        """The side of the pixels to load: the release's inference (resize_input) loads at the ViT's size."""
+        return self.vit.image_size if self.resize_input else self.image_size
 
     @staticmethod
     def preset(name: str) -> "INFLLaVAConfig":
@@ -106,8 +132,9 @@ class INFLLaVAConfig:
         S = self.vit.image_size
         if self.image_size < S or self.image_size % S:
             raise ValueError(f"INFLLaVAConfig.image_size={self.image_size} must be a multiple of the ViT size {S}")
-        if self.dcm != "both" and self.dem != "none":
-            raise ValueError(f"dcm={self.dcm!r} encodes one perspective only; DEM needs both: set dem='none'")
+        if self.downsample == "bilinear" and self.image_size != 3 * S:
+            raise ValueError(f"downsample='bilinear' is the release's resize of a 3x3 grid (image_size = 3 x "
+                             f"{S} = {3 * S}), not defined at image_size={self.image_size}: use 'avgpool' (Eq. 7)")
         if self.vit.width % 16:
             raise ValueError(f"vit.width={self.vit.width} must be a multiple of 16 (d/2 and d/16 fusion widths)")
 
@@ -208,9 +235,9 @@ class Fusion(nn.Module):
             self.ffn_glo = nn.Sequential(nn.Linear(d, d // 16), nn.GELU(), nn.Linear(d // 16, d // 2))
             self.ffn_loc = nn.Sequential(nn.Linear(d, d // 16), nn.GELU(), nn.Linear(d // 16, d // 2))
             self.norm = nn.LayerNorm(d)
-        elif kind == "conv3x3":  # Table 5: a 3x3 convolution over the concatenated maps
+        elif kind == "conv3x3":  # Table 5: a 3x3 convolution over the concatenated maps (its bias: our choice)
             self.conv = nn.Conv2d(2 * d, d, 3, padding=1)
-        elif kind == "weighted_add":  # Table 5: learned weights a*V_glo + b*V_loc
+        elif kind == "weighted_add":  # Table 5: learned weights a*V_glo + b*V_loc, starting at 0.5 each (ours)
             self.weights = nn.Parameter(torch.tensor([0.5, 0.5]))
 
     def forward(self, v_glo, v_loc):
@@ -238,13 +265,13 @@ class DEM(nn.Module):
     def __init__(self, config: INFLLaVAConfig):
         super().__init__()
         c, d = config, config.vit.width
+        # Table 4's "DEM w/ global / w/ local": one direction, returned as it is (no fusion W): our reading
         self.directions = ("global", "local") if c.dem == "both" else (c.dem,)
         # paper: V_glo attends in global windows C_glo (Eq. 18-19), V_loc in local windows C_loc (Eq. 22-23)
         swap = c.windows == "release"
         self.window = {"global": "local" if swap else "global", "local": "global" if swap else "local"}
-        shared = c.attention == "release"
-        n_attn = 1 if shared else len(self.directions)
-        self.attn = nn.ModuleList(CrossAttention(d, release=shared) for _ in range(n_attn))
+        n_attn = 1 if c.share_attention else len(self.directions)
+        self.attn = nn.ModuleList(CrossAttention(d, release=c.attention == "release") for _ in range(n_attn))
         self.fusion = Fusion(c.fusion, d) if c.dem == "both" else None
 
     def enhance_global(self, f_loc, f_glo, n_h, n_w):
@@ -277,9 +304,14 @@ def default_dtype(dtype):
 
 class INFLLaVA(nn.Module):
     # Sec. 5.2. Stage 1 aligns: ViT and LLM frozen. Stage 2 (SFT) also trains the whole LLM; the ViT never.
+    # Sec. 5.2 gives the learning rates, the cosine schedule, the batch sizes and stage 1's one epoch; the
+    # warmup ratio 0.03, weight decay 0, stage 2's one epoch and the templates come from the release's scripts
+    # (INF-LLava_pretrain.sh, INF-LLava_finetune.sh), as does the image preparation: pretraining without
+    # --image_aspect_ratio pad (CLIP's processor: centre crop), fine-tuning with it (config.pad_square).
     STAGES = {
         "pretrain": {"template": "plain", "train": {"dem": 1e-3, "projector": 1e-3}, "schedule": "cosine",
-                     "warmup_ratio": 0.03, "global_batch": 256, "epochs": 1, "weight_decay": 0.0},
+                     "warmup_ratio": 0.03, "global_batch": 256, "epochs": 1, "weight_decay": 0.0,
+                     "pad_square": False, "center_crop": True},
         "finetune": {"train": {"dem": 2e-5, "projector": 2e-5, "llm": 2e-5},  # template: config.template
                      "schedule": "cosine", "warmup_ratio": 0.03, "global_batch": 128, "epochs": 1,
                      "weight_decay": 0.0},
@@ -296,29 +328,38 @@ class INFLLaVA(nn.Module):
         self.projector = nn.Sequential(nn.Linear(d, D), nn.GELU(), nn.Linear(D, D))  # LLaVA-1.5 mlp2x_gelu
 
     def grid(self, pixels):
-        """n_h, n_w of Eq. 9-10, refusing inputs the DCM cannot split exactly."""
-        S = self.config.vit.image_size
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must be (B, 3, H, W) RGB, got {tuple(pixels.shape)}; grayscale or RGBA "
-                             f"images must be converted to RGB first (data.load_image does)")
+        """n_h, n_w of Eq. 9-10, refusing inputs this config cannot crop: sides multiples of the ViT tile, the
+        longer one config.image_size (a smaller image would run DCM/DEM on a grid it was not built for)."""
+        c, S = self.config, self.config.vit.image_size
         H, W = pixels.shape[-2:]
-        if H < S or W < S or H % S or W % S:
-            raise ValueError(f"pixels of {H}x{W}: INF-LLaVA needs sides that are multiples of the ViT tile {S} "
-                             f"(never padded or cropped here); resize the image to {self.config.image_size}x"
-                             f"{self.config.image_size} first, as the release does (data.load_image)")
+        if H % S or W % S or max(H, W) != c.image_size:
+            raise ValueError(f"pixels of {H}x{W}: this INF-LLaVA crops {c.image_size}x{c.image_size} images into "
+                             f"tiles of the ViT's {S} (sides multiples of {S}, the longer one {c.image_size}; never "
+                             f"padded or cropped here). Resize the image to {c.image_size} first (data.load_image), "
+                             f"or set resize_input=True to resize inside the model as the release's inference does")
+        if c.downsample == "bilinear" and (H, W) != (3 * S, 3 * S):
+            raise ValueError(f"pixels of {H}x{W}: downsample='bilinear' is defined on the release's 3x3 grid only "
+                             f"({3 * S}x{3 * S})")
         return H // S, W // S
 
     def image_features(self, pixels):
         """(B, 3, H, W) -> (B, h_l*w_l, d) dual-enhanced, pooled visual features (Eq. 2-7, Table 3)."""
         c, S = self.config, self.config.vit.image_size
-        n_h, n_w = self.grid(pixels)
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, H, W) RGB, got {tuple(pixels.shape)}; grayscale or RGBA "
+                             f"images must be converted to RGB first (data.load_image does)")
+        high = pixels
+        if c.resize_input and pixels.shape[-2:] != (c.image_size, c.image_size):  # the release's encode_images
+            high = F.interpolate(pixels.float(), size=(c.image_size, c.image_size), mode="bicubic",
+                                 align_corners=False).to(pixels.dtype)
+        n_h, n_w = self.grid(high)
         B, N = pixels.shape[0], n_h * n_w
         views = []  # DCM (Eq. 2): every sub-image is S x S, so all of them go through the ViT in one call
         if c.dcm in ("both", "local"):
-            views.append(crop_local(pixels, n_h, n_w))
+            views.append(crop_local(high, n_h, n_w))
         if c.dcm in ("both", "global"):
-            views.append(crop_global(pixels, n_h, n_w))
-        if c.dual:
+            views.append(crop_global(high, n_h, n_w))
+        if c.dual:  # the low-res view of the input as given (release: an S-px input is its own low view)
             low = F.interpolate(pixels.float(), size=(S, S), mode="bicubic", align_corners=False)
             views.append(low.to(pixels.dtype).unsqueeze(1))
         views = torch.cat(views, dim=1)  # (B, K, 3, S, S)
@@ -330,10 +371,9 @@ class INFLLaVA(nn.Module):
         if c.dcm == "both":
             f_loc, f_glo = merge_local(feats[:, :N], n_h, n_w), merge_global(feats[:, N:2 * N], n_h, n_w)  # Eq. 5-6
             x = self.dem(f_loc, f_glo, n_h, n_w) if self.dem is not None else f_loc + f_glo  # Table 6 "w/ DCM"
-        elif c.dcm == "local":
-            x = merge_local(feats[:, :N], n_h, n_w)
-        else:
-            x = merge_global(feats[:, :N], n_h, n_w)
+        else:  # Table 6 "w/ DCM local / global": one perspective, which DEM (if any) attends with itself
+            f = merge_local(feats[:, :N], n_h, n_w) if c.dcm == "local" else merge_global(feats[:, :N], n_h, n_w)
+            x = self.dem(f, f, n_h, n_w) if self.dem is not None else f
         if c.downsample == "avgpool":  # Eq. 7: back to the ViT's token grid
             x = F.avg_pool2d(x, (n_h, n_w))
         else:
@@ -386,6 +426,29 @@ class INFLLaVA(nn.Module):
         with default_dtype(dtype):
             return cls(config, vit=vit, llm=llm)
 
+    @classmethod
+    def from_release(cls, path, vit=None, dtype=None) -> "INFLLaVA":
+        """A released INF-LLaVA (WeihuangLin/INF-LLaVA-sft, INF_star-LLaVA-sft): LLaVA's config fields (checked,
+        unimplemented ones refused by name) and layout plus the DEM (model.spatial_embed.*), read through
+        INF_LLAVA_KEYS with every shape checked; safetensors or pytorch_model-*.bin (torch.load(weights_only=True)).
+        The release's choices: preset "paper-release", image_size 3x the tower's, resize_input=True, conv_llama3.
+        vit: the CLIP directory of mm_vision_tower, needed when the release holds no tower weights."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: no config.json (expected an INF-LLaVA release directory)")
+        with open(os.path.join(path, "config.json")) as f:
+            llm_cfg, name, layer = llmlib.llava_config(json.load(f), path)
+        tensors = llmlib.read_release(path)
+        inside = any(k.startswith("model.vision_tower.vision_tower.") for k in tensors)
+        vit_cfg, tower = vitlib.release_tower(name, vit, inside, path, dtype)
+        config = dataclasses.replace(INFLLaVAConfig.preset("paper-release"), vit=vit_cfg, llm=llm_cfg,
+                                     image_size=3 * vit_cfg.image_size, vision_layer=layer, resize_input=True,
+                                     pad_square=True, template="llama3")
+        with torch.device("meta"):
+            model = cls(config, vit=tower)
+        exclude = ("vit.",) if tower is not None else ()   # the tower was loaded from its own directory
+        llmlib.load_release(model, tensors, INF_LLAVA_KEYS, path, dtype, exclude)
+        return model.to(dtype or torch.float32).eval()
+
     def save(self, dir: str):
         """config.json + model.safetensors, each written to a temporary name and renamed."""
         os.makedirs(dir, exist_ok=True)
@@ -413,6 +476,23 @@ class INFLLaVA(nn.Module):
         return model
 
 
+# release key prefix -> our prefix (or a function of the rest); the longest matching prefix wins (llm.load_release)
+INF_LLAVA_KEYS = [   # LlavaLlamaForCausalLM of INF_llava/model (LLaVA's layout) with class SpatialEmbed as the DEM
+    ("model.", "llm."), ("lm_head.", "llm.lm_head."),
+    ("model.mm_projector.0.", "projector.0."), ("model.mm_projector.2.", "projector.2."),
+    ("model.vision_tower.vision_tower.vision_model.", vitlib.tower_key),
+    # SpatialEmbed.attention (MultiHeadedAttention, one for both directions): linears = W_q, W_k, W_v, W_o
+    ("model.spatial_embed.attention.linears.0.", "dem.attn.0.q_proj."),
+    ("model.spatial_embed.attention.linears.1.", "dem.attn.0.k_proj."),
+    ("model.spatial_embed.attention.linears.2.", "dem.attn.0.v_proj."),
+    ("model.spatial_embed.attention.linears.3.", "dem.attn.0.out_proj."),
+    ("model.spatial_embed.attention.ln.", "dem.attn.0.norm."),
+    # fusion: "crop" is the local perspective, "stride" the global one
+    ("model.spatial_embed.ffn_crop.", "dem.fusion.ffn_loc."),
+    ("model.spatial_embed.ffn_stride.", "dem.fusion.ffn_glo."),
+    ("model.spatial_embed.ln_fuse.", "dem.fusion.norm.")]
+
+
 # ----------------------------------------------------------------------------- demo
 if __name__ == "__main__":
     import tempfile
@@ -424,10 +504,15 @@ if __name__ == "__main__":
     parser.add_argument("--image", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--ckpt", default="", help="a saved INF-LLaVA directory (else a random tiny model)")
+    parser.add_argument("--release", default="", help="a released INF-LLaVA directory (INFLLaVA.from_release)")
+    parser.add_argument("--vit", default=None, help="with --release: the CLIP directory its config names, if needed")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max_new_tokens", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.ckpt:
+    if args.release:
+        model, tok_dir = INFLLaVA.from_release(args.release, args.vit, getattr(torch, args.dtype)), args.release
+    elif args.ckpt:
         model, tok_dir = INFLLaVA.load(args.ckpt), args.ckpt
     else:
         model, tok_dir = INFLLaVA(INFLLaVAConfig.preset("tiny")), tempfile.mkdtemp()
@@ -435,10 +520,10 @@ if __name__ == "__main__":
         print("no --ckpt: a randomly initialised tiny INF-LLaVA (the answer is noise)")
     tok = Tokenizer.from_pretrained(tok_dir)
     cfg = model.config
-    pixels = data.load_image(args.image, cfg.image_size, cfg.pad_square).unsqueeze(0)
+    pixels = data.load_image(args.image, cfg.input_size, cfg.pad_square).unsqueeze(0)
     n = cfg.image_size // cfg.vit.image_size
-    print(f"image -> {cfg.image_size}x{cfg.image_size}: {n}x{n} local + {n}x{n} global crops"
-          f"{' + the low-res view' if cfg.dual else ''}")
+    print(f"image -> {cfg.input_size}x{cfg.input_size}{f' -> {cfg.image_size}' if cfg.resize_input else ''}: {n}x{n} "
+          f"local + {n}x{n} global crops{' + the low-res view' if cfg.dual else ''}")
     # a last human turn without answer: the ids end with the assistant header, ready to generate
     ids, _ = data.tokenize_conversation(tok, [{"from": "human", "value": data.IMAGE_TOKEN + "\n" + args.prompt}],
                                         cfg.template)

@@ -1,6 +1,8 @@
 """A decoder-only language model covering LLaMA-2/Vicuna, LLaMA-3, Qwen2, Phi-1.5 and GPT-2 with config switches,
-KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors only); and the tokenizers of
-those families (SentencePiece, tiktoken, byte-level BPE) behind one small Tokenizer class.
+KV-cache generation, and loading/saving of Hugging Face checkpoints (safetensors only); LLaVA's splice of image
+tokens into the prompt (splice_image); and the tokenizers of those families (SentencePiece, tiktoken, byte-level
+BPE) behind one small Tokenizer class. Released multimodal checkpoints (LLaVA-style) are read here too: any
+layout through a key table, pickles with weights_only=True.
 
     model = LLM.from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
     out = model.generate(idx, max_new_tokens=32)          # greedy; left-padded batches via mask=
@@ -32,7 +34,7 @@ class LLMConfig:
     head_dim: int | None = None     # None: d_model // n_head
     norm: str = "rms"               # "rms" (LLaMA, Qwen2) | "layer" (Phi, GPT-2)
     mlp: str = "swiglu"             # "swiglu" | "gelu" (plain two-layer MLP with config.act)
-    act: str = "silu"               # "silu" | "gelu_new" | "gelu"
+    act: str = "silu"               # one of ACTS: "silu" | "gelu" | "gelu_new" | "gelu_pytorch_tanh"
     pos: str = "rope"               # "rope" | "learned" (GPT-2)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...} as in HF configs
@@ -43,6 +45,7 @@ class LLMConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     head_bias: bool = False
+    scale_attn: bool = True         # False: scores q.k without the 1/sqrt(hs) (GPT-2's scale_attn_weights=False)
     eps: float = 1e-5
     family: str = "llama"           # HF layout used by save_pretrained: "llama" | "qwen2" | "phi" | "gpt2"
 
@@ -82,15 +85,17 @@ class LLMConfig:
             d = cfg["n_embd"]
             return LLMConfig(cfg["vocab_size"], d, cfg["n_layer"], cfg["n_head"], cfg["n_head"],
                              cfg.get("n_inner") or 4 * d, cfg["n_positions"], norm="layer", mlp="gelu",
-                             act=cfg.get("activation_function", "gelu_new"), pos="learned", qkv_bias=True,
+                             act=_act(cfg, "activation_function", "gelu_new"), pos="learned", qkv_bias=True,
                              out_bias=True, mlp_bias=True, tie_embeddings=cfg.get("tie_word_embeddings", True),
+                             scale_attn=cfg.get("scale_attn_weights", True),
                              eps=cfg.get("layer_norm_epsilon", 1e-5), family="gpt2")
         # transformers >= 5 writes rope settings into `rope_parameters`; older files have top-level
         # rope_theta / rope_scaling / partial_rotary_factor. Read both.
         rope = dict(cfg.get("rope_parameters") or {})
         rope.update({k: v for k, v in (cfg.get("rope_scaling") or {}).items() if k not in rope})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        # PhiConfig's default is 0.5 (a file without the field rotates half of each head); the others rotate all
+        partial = rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5 if family == "phi" else 1.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
@@ -101,7 +106,7 @@ class LLMConfig:
         common = dict(vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"],
                       n_head=n_head, n_kv_head=cfg.get("num_key_value_heads") or n_head,
                       d_ff=cfg["intermediate_size"], max_seq_len=cfg["max_position_embeddings"],
-                      head_dim=head_dim, act=cfg.get("hidden_act", "silu"), rope_theta=theta,
+                      head_dim=head_dim, act=_act(cfg, "hidden_act", "silu"), rope_theta=theta,
                       rope_scaling=scaling, tie_embeddings=cfg.get("tie_word_embeddings", False), family=family)
         if family == "phi":
             if cfg.get("qk_layernorm"):
@@ -126,7 +131,7 @@ class LLMConfig:
             return {"architectures": [HF_ARCH[f]], "model_type": f, "vocab_size": c.vocab_size, "n_embd": c.d_model,
                     "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.d_ff, "n_positions": c.max_seq_len,
                     "activation_function": c.act, "layer_norm_epsilon": c.eps, "tie_word_embeddings": c.tie_embeddings,
-                    "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+                    "scale_attn_weights": c.scale_attn, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
         out = {"architectures": [HF_ARCH[f]], "model_type": f, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
                "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
                "num_key_value_heads": c.n_kv_head, "head_dim": c.hd, "max_position_embeddings": c.max_seq_len,
@@ -144,6 +149,13 @@ class LLMConfig:
 
 HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi": "PhiForCausalLM",
            "gpt2": "GPT2LMHeadModel"}
+
+
+def _act(cfg, field, default):
+    act = cfg.get(field, default)
+    if act not in ACTS:
+        raise ValueError(f"{cfg.get('model_type')} config {field}={act!r} is not supported; supported: {sorted(ACTS)}")
+    return act
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +218,7 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.n_head, self.n_kv_head, self.hd = c.n_head, c.n_kv_head, c.hd
+        self.scale = None if c.scale_attn else 1.0  # None: SDPA's 1/sqrt(hs)
         self.q_proj = nn.Linear(c.d_model, c.n_head * c.hd, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.d_model, c.n_kv_head * c.hd, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_head * c.hd, bias=c.qkv_bias)
@@ -222,7 +235,7 @@ class Attention(nn.Module):
             k, v = cache.update(i, k, v)                                         # (B, nkv, S, hs)
         # no mask and no past: plain causal; one new token after a cache with no padding: sees everything
         causal = attn_mask is None and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
@@ -231,6 +244,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
+        if c.act not in ACTS:
+            raise ValueError(f"LLMConfig.act={c.act!r} is not supported; supported: {sorted(ACTS)}")
         self.act = ACTS[c.act]
         # SwiGLU (Shazeer 2020, "GLU Variants", FFN_SwiGLU = (Swish(xW) * xV) W2): gate_proj=W, up_proj=V
         self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=c.mlp_bias) if c.mlp == "swiglu" else None
@@ -263,11 +278,41 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+IMAGE_ID = -200   # LLaVA's IMAGE_TOKEN_INDEX: one prompt position the model expands into its image tokens
+IGNORE = -100     # label of every token that is not supervised
+
+
 def next_token_loss(logits, labels, reduction="mean"):
-    """Cross-entropy of position t predicting labels[t+1] (labels aligned with the input, -100 skipped), in fp32.
-    reduction "sum" lets a training loop divide by the supervised tokens of a whole effective batch."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+    """Cross-entropy of position t predicting labels[t+1] (labels aligned with the input, IGNORE skipped), in
+    fp32. reduction "sum" lets a training loop divide by the supervised tokens of a whole effective batch."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
                            reduction=reduction)
+
+
+def splice_image(idx, embed, image_embeds, labels=None, mask=None):
+    """LLaVA's splice, the input side of HIRE's and INF-LLaVA's forward: each row's single IMAGE_ID position
+    becomes the N image tokens. embed maps ids to (B, T, D) token embeddings (LLM.embed); returns embeds
+    (B, T-1+N, D), and labels / mask stretched to match (IGNORE and 1 on the image positions)."""
+    B, T = idx.shape
+    N = image_embeds.shape[1]
+    is_image = idx == IMAGE_ID
+    counts = is_image.sum(1)
+    for b in range(B):
+        if counts[b] != 1:
+            raise ValueError(f"prompt {b} has {int(counts[b])} <image> placeholders; every row needs exactly one "
+                             f"IMAGE_ID ({IMAGE_ID})")
+    p = is_image.int().argmax(1, keepdim=True)  # (B, 1)
+    t = torch.arange(T - 1 + N, device=idx.device).expand(B, -1)  # output positions
+    # gather index into cat([text (T), image (N)]): text before p, the image tokens, then the rest of the text
+    src = torch.where(t < p, t, torch.where(t < p + N, T + t - p, t - N + 1))
+    text = embed(idx.masked_fill(is_image, 0))
+    both = torch.cat([text, image_embeds.to(text.dtype)], dim=1)
+    embeds = both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
+    if labels is not None:
+        labels = torch.cat([labels, labels.new_full((B, N), IGNORE)], dim=1).gather(1, src)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(B, N)], dim=1).gather(1, src)
+    return embeds, labels, mask
 
 
 class LLM(nn.Module):
@@ -474,9 +519,10 @@ def _to_hf(config, state):
             # GPT-2 fuses q, k, v into one c_attn projection
             kv = [state[name.replace("q_proj", p)] for p in ("k_proj", "v_proj")]
             t, hf = torch.cat([t, *kv]), hf.replace("self_attn.q_proj", "attn.c_attn")
-        if fam == "gpt2" and t.dim() == 2 and not name.startswith("embed_"):
+        if fam == "gpt2" and t.dim() == 2 and not name.startswith(("embed_", "lm_head.")):
             # GPT-2 uses Conv1D (HF pytorch_utils.Conv1D, kept from OpenAI's TF code, which computed x @ W with
-            # W of shape (in, out)): its weights are stored transposed relative to nn.Linear's (out, in).
+            # W of shape (in, out)): its weights are stored transposed relative to nn.Linear's (out, in). The
+            # embeddings and an untied lm_head (an nn.Linear in GPT2LMHeadModel) are stored as ours.
             t = t.t()
         out[hf] = t
     return out
@@ -530,6 +576,158 @@ def _weight_files(path):
         raise ValueError(f"{path} holds only {pickles}: only safetensors checkpoints are loaded, because "
                          "unpickling .bin/.pt files can execute arbitrary code. Convert them to safetensors first.")
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+# -----------------------------------------------------------------------------
+# Released multimodal checkpoints (LLaVA-1.5 in its two layouts, INF-LLaVA): a LLaMA checkpoint plus vision modules,
+# each release's keys renamed by the small table its model file gives (hire.py, inf_llava.py). The original LLaVA
+# releases are PyTorch pickles (pytorch_model-*.bin), and unpickling can run arbitrary code: they are read only with
+# torch.load(weights_only=True), which rebuilds tensors and plain containers and refuses everything else.
+# `python llm.py --to_safetensors DIR` rewrites them once as safetensors, which hold nothing but tensors.
+RELEASE_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+RELEASE_SKIP = ("rotary_emb.inv_freq", "embeddings.position_ids")   # derived buffers older transformers saved
+
+
+def release_files(path):
+    """A release directory's weight files: its safetensors (sharded or single) if it has them, else its
+    pytorch_model .bin files (sharded or single)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"release directory {path!r} does not exist")
+    for index in RELEASE_INDEXES:
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+            if absent:
+                raise FileNotFoundError(f"{path}/{index} lists shards that are not there: {absent}")
+            return [os.path.join(path, s) for s in shards]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin, or an index of their shards")
+
+
+def _read_pickle(file):
+    try:   # weights_only: tensors and plain containers only; mmap: the file is paged in, not copied
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{file}: torch.load(weights_only=True) refused it ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{file}: expected a flat dict of tensors (a state dict), got {type(state).__name__}")
+    return state
+
+
+def read_release(path):
+    """{key: (shape, read)} over every weight file of a release directory; read() returns the tensor."""
+    from safetensors import safe_open
+    out = {}
+    for file in release_files(path):
+        if file.endswith(".safetensors"):
+            def read(key, file=file):
+                with safe_open(file, "pt") as f:
+                    return f.get_tensor(key)
+            with safe_open(file, "pt") as f:
+                items = {k: (tuple(f.get_slice(k).get_shape()), lambda k=k, read=read: read(k)) for k in f.keys()}
+        else:
+            items = {k: (tuple(t.shape), lambda t=t: t) for k, t in _read_pickle(file).items()}
+        twice = sorted(set(items) & set(out))
+        if twice:
+            raise ValueError(f"{path}: keys stored in more than one file, e.g. {twice[:3]}")
+        out.update(items)
+    return out
+
+
+def load_release(model, tensors, table, path, dtype=None, exclude=()):
+    """Load read_release(path)'s tensors into `model` (built on the meta device): `table` is [(release prefix,
+    ours)], the longest matching prefix renames a key, and ours is our prefix or a function of the rest of the key.
+    Every model tensor except those under `exclude` (loaded elsewhere) must come from exactly one release tensor
+    of its shape, and every release tensor must land somewhere; otherwise a ValueError names each of them."""
+    dtype = dtype or torch.float32
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items() if not k.startswith(tuple(exclude))}
+    targets = dict(table)
+    found, unexpected, twice = {}, [], []
+    for key, (shape, read) in tensors.items():
+        prefix = max((p for p in targets if key.startswith(p)), key=len, default=None)
+        to = targets.get(prefix)
+        ours = None if prefix is None else to(key[len(prefix):]) if callable(to) else to + key[len(prefix):]
+        if ours not in expected:
+            if not key.endswith(RELEASE_SKIP):
+                unexpected.append(key)
+        elif ours in found:
+            twice.append(f"{found[ours][0]} and {key} (both -> {ours})")
+        else:
+            found[ours] = (key, shape, read)
+    missing = sorted(set(expected) - set(found))
+    wrong = [f"{key} {shape} -> {ours} {expected[ours]}" for ours, (key, shape, _) in found.items()
+             if shape != expected[ours]]
+    problems = [("missing (our names)", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong),
+                ("twice", twice)]
+    if any(v for _, v in problems):
+        raise ValueError(f"{path} does not fit the {type(model).__name__} its config describes:\n" + "".join(
+            f"  {what}: {v[:12]}{f' ... ({len(v)} in all)' if len(v) > 12 else ''}\n" for what, v in problems if v))
+    state = {ours: read().to(dtype, copy=True) for ours, (_, _, read) in found.items()}
+    left = model.load_state_dict(state, strict=False, assign=True)
+    assert not left.unexpected_keys and all(k.startswith(tuple(exclude)) for k in left.missing_keys), left
+    return model
+
+
+# config.json of LLaVA's own releases (LlavaLlamaForCausalLM, also INF-LLaVA's): the LLaMA fields plus these, read
+# as llava/model/llava_arch.py and builder.py read them. field -> (LLaVA's default when absent, what we implement)
+LLAVA_FIELDS = {
+    "mm_projector_type": ("linear", ("mlp2x_gelu",)),
+    "mm_vision_select_feature": ("patch", ("patch",)),      # the class token dropped
+    "mm_patch_merge_type": ("flat", ("flat",)),
+    "image_aspect_ratio": (None, ("pad",)),                 # pad to square with the mean colour, then resize
+    "mm_use_im_start_end": (False, (False,)),
+    "mm_use_im_patch_token": (True, (False,)),
+    "mm_resampler_type": (None, (None,)),
+}
+# read elsewhere (tower, layer) or without effect on inference (training switches, learning rates)
+LLAVA_OTHER = {"mm_vision_tower", "mm_vision_select_layer", "mm_hidden_size", "use_mm_proj", "tune_mm_mlp_adapter",
+               "freeze_mm_mlp_adapter", "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "mm_projector_lr",
+               "mm_vision_tower_lr", "tokenizer_padding_side", "tokenizer_model_max_length", "image_grid_pinpoints"}
+
+
+def llava_config(cfg, path=""):
+    """A LLaVA release's config.json (as a dict) -> (LLMConfig of its LLaMA, CLIP tower name, select layer).
+    Vision settings we do not implement are refused by name; so is any unknown mm_* / image_* field."""
+    bad = [f"{k}={cfg.get(k, default)!r}" + ("" if k in cfg else " (absent: LLaVA's default)")
+           for k, (default, ok) in LLAVA_FIELDS.items() if cfg.get(k, default) not in ok]
+    unknown = sorted(k for k in cfg if k.startswith(("mm_", "image_")) and k not in {*LLAVA_FIELDS, *LLAVA_OTHER})
+    if bad or unknown:
+        raise ValueError(f"{path}/config.json: not implemented here: {', '.join(bad + unknown)} (implemented: "
+                         + ", ".join(f"{k} in {ok}" for k, (_, ok) in LLAVA_FIELDS.items()) + ")")
+    for k in ("mm_vision_tower", "mm_vision_select_layer"):
+        if k not in cfg:
+            raise ValueError(f"{path}/config.json has no {k}: not a LLaVA release config")
+    return LLMConfig.from_hf({**cfg, "model_type": "llama"}), cfg["mm_vision_tower"], cfg["mm_vision_select_layer"]
+
+
+def convert_to_safetensors(path):
+    """Rewrite a directory's pytorch_model*.bin files (read with torch.load(weights_only=True)) as
+    model-*.safetensors shards plus model.safetensors.index.json, each written to a temporary name and renamed.
+    The .bin files are left in place; loaders prefer the safetensors from then on."""
+    from safetensors.torch import save_file
+    bins = sorted(f for f in os.listdir(path) if f.startswith("pytorch_model") and f.endswith(".bin"))
+    if not bins:
+        raise FileNotFoundError(f"{path}: no pytorch_model*.bin files to convert")
+    weight_map, n = {}, len(bins)
+    for i, name in enumerate(bins, 1):
+        state, seen = _read_pickle(os.path.join(path, name)), set()
+        out = {}
+        for k, t in state.items():   # safetensors refuses tensors that share memory: copy the second one
+            ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+            out[k] = t.contiguous() if ptr not in seen else t.clone()
+            seen.add(ptr)
+        shard = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(out, os.path.join(path, shard + ".tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(path, shard + ".tmp"), os.path.join(path, shard))
+        weight_map.update({k: shard for k in out})
+        print(f"{name} -> {shard} ({len(out)} tensors)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    with open(index + ".tmp", "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    os.replace(index + ".tmp", index)
 
 
 # -----------------------------------------------------------------------------
@@ -691,6 +889,7 @@ class Tokenizer:
         self._parsed = parsed
         self._parsed_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(parsed, key=len, reverse=True))
                                      + ")") if parsed else None
+        self._sp_cont = None                                      # SentencePiece without the dummy prefix
         self.bos_id = self.eos_id = self.pad_id = None
         self.eos_ids = []
 
@@ -765,6 +964,12 @@ class Tokenizer:
         tok._sp_byte = [int(sp.id_to_piece(i)[3:5], 16) if types[i] == 6 else None for i in range(n)]
         tok._sp_text = [sp.id_to_piece(i).replace("\u2581", " ") for i in range(n)]
         tok._strip_space = add_dummy_prefix
+        # The same model without the dummy prefix, for text that continues a sequence (encode(prefix=False)).
+        # Protobuf merges a repeated message field, so one appended normalizer_spec {add_dummy_prefix: false}
+        # (field 3 {field 3 = 0}) overrides just that flag.
+        if add_dummy_prefix:
+            tok._sp_cont = sentencepiece.SentencePieceProcessor()
+            tok._sp_cont.LoadFromSerializedProto(data + b"\x1a\x02\x18\x00")
         tok._defaults = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
         return tok
 
@@ -842,19 +1047,23 @@ class Tokenizer:
         return ids[0] if len(ids) == 1 else None
 
     def _resolve_ids(self, configs):
-        """bos/eos/pad: tokenizer_config.json, then special_tokens_map.json, then generation_config.json and
-        config.json ids, then the format's defaults."""
+        """bos/eos/pad as transformers resolves them: the token files first, then generation_config.json and
+        config.json ids, then the format's defaults. A tokenizer_config.json with added_tokens_decoder is read
+        alone; an older one without it is overridden by special_tokens_map.json wherever the map names a role
+        (Vicuna: pad_token null in the config, "<unk>" in the map -> pad 0). A named role, even a null, wins."""
         tc, sm, gc, cfg = (configs[k] for k in ("tokenizer_config", "special_tokens_map", "generation_config",
                                                 "config"))
+        files = [("tokenizer_config.json", tc)]
+        if "added_tokens_decoder" not in tc:
+            files.insert(0, ("special_tokens_map.json", sm))
         for role in ("bos", "eos", "pad"):
             key = role + "_token"
-            if key in tc:                                  # present, even as null, in tokenizer_config: it wins
-                name = _token_content(tc[key])
+            where, c = next(((file, c) for file, c in files if key in c), (None, None))
+            if where is not None:
+                name = _token_content(c[key])
                 value = None if name is None else self._token_id(name)
                 if name is not None and value is None:
-                    raise ValueError(f"tokenizer_config.json names {key}={name!r}, which is not in the vocabulary")
-            elif _token_content(sm.get(key)) is not None:
-                value = self._token_id(_token_content(sm[key]))
+                    raise ValueError(f"{where} names {key}={name!r}, which is not in the vocabulary")
             else:
                 value = next((c[role + "_token_id"] for c in (gc, cfg) if c.get(role + "_token_id") is not None),
                              self._defaults.get(role))
@@ -871,7 +1080,10 @@ class Tokenizer:
                 self._id_to_special.setdefault(i, _token_content(s))
 
     # ---- encode / decode
-    def encode(self, text: str, bos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, prefix: bool = True) -> list[int]:
+        """prefix=False: text that continues a sequence, e.g. after a special token, gets no SentencePiece dummy
+        prefix "▁" (what HF's LLaMA tokenizers with legacy=False do to the text after a special token). Byte-level
+        BPE has no dummy prefix: there it changes nothing."""
         if bos and self.bos_id is None:
             raise ValueError("encode(bos=True): this tokenizer has no bos token")
         ids = [self.bos_id] if bos else []
@@ -880,12 +1092,12 @@ class Tokenizer:
             if k % 2:                                      # odd chunks are the added tokens that re.split kept
                 ids.append(self._parsed[chunk])
             elif chunk:
-                ids.extend(self._encode_plain(chunk))
+                ids.extend(self._encode_plain(chunk, prefix))
         return ids
 
-    def _encode_plain(self, text):
+    def _encode_plain(self, text, prefix=True):
         if self._sp is not None:
-            return self._sp.encode(text)
+            return (self._sp if prefix or self._sp_cont is None else self._sp_cont).encode(text)
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
         ranks = self._enc.encode_ordinary(text)
@@ -936,7 +1148,12 @@ if __name__ == "__main__":
     p.add_argument("--preset", default="tiny")
     p.add_argument("--prompt", default="The capital of France is", help="text (needs --ckpt with a tokenizer)")
     p.add_argument("--max_new_tokens", type=int, default=16)
+    p.add_argument("--to_safetensors", default=None, metavar="DIR",
+                   help="convert DIR's pytorch_model*.bin (a LLaVA release) to safetensors and exit")
     args = p.parse_args()
+    if args.to_safetensors:
+        convert_to_safetensors(args.to_safetensors)
+        raise SystemExit
     torch.manual_seed(0)
     model = LLM.from_pretrained(args.ckpt) if args.ckpt else LLM(LLMConfig.preset(args.preset)).eval()
     print(f"{model.config}\n{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

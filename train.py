@@ -381,27 +381,12 @@ def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id, max_new
     return (loss_sum / n_tok.clamp(min=1)).item(), round((correct / total.clamp(min=1)).item(), 4), shown
 
 
-@torch.no_grad()
 def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8, others=0.0):
     """Greedy answers of `net` to the first n questions of a synthetic split (others: as TrainConfig), scored by
     exact match (data.normalize_answer) per detail size: ({"large", "medium", "small", "overall"}, counts, the
-    mean prompt length in text tokens, a few (truth, said, size) samples)."""
-    c = net.config
-    qa = data.SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=c.image_size,
-                               pad_square=c.pad_square, others=others).qa_set(n)
-    sizes = tuple(data.SIZES)
-    right, total, prompt_tokens, samples = dict.fromkeys(sizes, 0), dict.fromkeys(sizes, 0), [], []
-    for b in torch.utils.data.DataLoader(qa, batch_size=batch_size, collate_fn=qa.collate):
-        said, ok = greedy_answers(net, b, tok, data.end_of_turn(tok, template), max_new_tokens)
-        for s, hit, answer, size, m, ids in zip(said, ok, b["answer"], b["detail"], b["mask"], b["ids"]):
-            if len(samples) < 6:
-                samples.append(dict(truth=answer, said=s, size=size))
-            right[size] += hit
-            total[size] += 1
-            prompt_tokens.append(int(m.sum()) - int((ids == data.IMAGE_ID).sum()))  # text tokens of the prompt
-    acc = {s: right[s] / total[s] for s in sizes if total[s]}
-    acc["overall"] = sum(right.values()) / sum(total.values())
-    return acc, dict(total, overall=sum(total.values())), round(sum(prompt_tokens) / len(prompt_tokens)), samples
+    mean prompt length in text tokens, a few (truth, said, size) samples). The benchmarks' code path: eval.py."""
+    from eval import detail_accuracy
+    return detail_accuracy(net, tok, template, n, split, seed, batch_size, max_new_tokens, others)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -529,9 +514,11 @@ def main(argv=None, distributed=True, last=True):
     template = recipe.get("template", raw_model.config.template)
     mc = raw_model.config  # as the model resolved it (e.g. S2's input is its largest scale)
     make = lambda split, n: data.make_dataset(cfg.data, tok, template=template, image_size=mc.image_size,
-                                              pad_square=mc.pad_square, max_len=cfg.max_len, split=split,
-                                              n=n, seed=cfg.seed, image_dir=cfg.image_dir, skip_bad=cfg.skip_bad,
-                                              task=recipe.get("task"), others=cfg.others)
+                                              pad_square=recipe.get("pad_square", mc.pad_square), max_len=cfg.max_len,
+                                              split=split, n=n, seed=cfg.seed, image_dir=cfg.image_dir,
+                                              skip_bad=cfg.skip_bad, task=recipe.get("task"),
+                                              center_crop=recipe.get("center_crop", False),  # a stage's image fit
+                                              others=cfg.others)
     train_set, val_set = make("train", cfg.n_train), make("val", cfg.n_val)
     if cfg.batch_size * cfg.grad_accum > len(train_set):
         raise ValueError(f"a global batch of {cfg.batch_size * cfg.grad_accum} samples is larger than the "

@@ -25,7 +25,7 @@ class ViTConfig:
     layers: int = 24
     heads: int = 16
     mlp_dim: int = 4096
-    act: str = "quick_gelu"  # OpenAI CLIP; "gelu" (exact erf) for the LAION/DFN ViT-H
+    act: str = "quick_gelu"  # OpenAI CLIP and DFN-5B; "gelu" (exact erf) for LAION-2B's ViT-H
     eps: float = 1e-5
     post_norm: bool = True  # CLIP's post-LayerNorm on the class token (pooled output)
 
@@ -34,9 +34,11 @@ class ViTConfig:
         presets = {
             # openai/clip-vit-large-patch14-336: the tower of LLaVA-1.5, HIRE and INF-LLaVA
             "clip-vit-l-14-336": ViTConfig(),
-            # CLIP-ViT-H/14 (LAION-2B / DFN-5B), Pheye's tower, 224 px
-            "clip-vit-h-14": ViTConfig(image_size=224, width=1280, layers=32, heads=16, mlp_dim=5120, act="gelu"),
-            # shared by every tiny model so the miniature benchmark is fair (see spec.md)
+            # CLIP-ViT-H/14 trained on DFN-5B, Pheye's tower, 224 px. open_clip registers it as ViT-H-14-quickgelu
+            # (pretrained="dfn5b"): quick_gelu, unlike LAION-2B's ViT-H-14 (exact gelu; a directory load reads
+            # the file's hidden_act either way)
+            "clip-vit-h-14": ViTConfig(image_size=224, width=1280, layers=32, heads=16, mlp_dim=5120),
+            # shared by every tiny model so the miniature benchmark is fair (bench/miniature.py)
             "tiny": ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512),
         }
         if name not in presets:
@@ -316,8 +318,8 @@ class ViT(nn.Module):
     @staticmethod
     def config_from_hf(cfg: dict, path: str = "") -> ViTConfig:
         model_type = cfg.get("model_type")
-        if model_type == "clip":
-            cfg = cfg.get("vision_config") or {}
+        if model_type == "clip":  # an old file's vision_config_dict wins over vision_config, as in transformers
+            cfg = cfg.get("vision_config_dict") or cfg.get("vision_config") or {}
         elif model_type != "clip_vision_model":
             raise ValueError(f"{path}: unsupported model_type {model_type!r}; ViT loads 'clip_vision_model', 'clip'")
         if cfg.get("num_channels", 3) != 3:
@@ -401,6 +403,36 @@ def hf_to_ours(hf_key: str) -> str:
         if hf_key.startswith(prefix):
             return ours + hf_key[len(prefix):]
     return hf_key  # no match: reported as unexpected by the caller
+
+
+def tower_key(rest: str) -> str:
+    """The rest of a CLIP `vision_model.` key inside a multimodal release -> our key under the model's `vit`."""
+    return "vit." + hf_to_ours(rest)
+
+
+CLIP_L_336 = "clip-vit-large-patch14-336"   # the tower of LLaVA-1.5 and INF-LLaVA, by its hub name
+
+
+def release_tower(name, vit_dir, inside, where, dtype=None):
+    """(ViTConfig, ViT or None) for the CLIP tower a LLaVA-style release names (mm_vision_tower). When the
+    release holds the tower's weights (`inside`) they are loaded with the rest, and only the config is needed:
+    from vit_dir, or the preset for CLIP-L/336; otherwise the weights come from vit_dir (or from `name` when that
+    is a local directory). LLaVA's own builder reloads the tower from `name` whatever the checkpoint holds: the
+    same frozen CLIP weights."""
+    vit_dir = vit_dir or (name if name and os.path.isdir(name) else None)
+    if vit_dir is None:
+        if inside and name and name.rstrip("/").endswith(CLIP_L_336):
+            return ViTConfig.preset("clip-vit-l-14-336"), None
+        raise ValueError(f"{where} names the vision tower {name!r}" + ("" if inside else " and holds no tower "
+                         "weights") + ": pass its CLIP directory (vit=DIR, --vit DIR)")
+    if inside:
+        cfg_file = os.path.join(vit_dir, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"no config.json in {vit_dir!r}: expected an HF CLIP checkpoint directory")
+        with open(cfg_file) as f:
+            return ViT.config_from_hf(json.load(f), vit_dir), None
+    tower = ViT.from_pretrained(vit_dir, dtype)
+    return tower.config, tower
 
 
 def safetensors_files(path: str) -> dict[str, list[str]]:

@@ -50,7 +50,7 @@ def spans(labels):
 EXPECTED = {   # (full text with the image as "<image>", supervised answer texts, end-of-turn token)
     "vicuna_v1": ("<s>" + data.VICUNA_SYSTEM + " USER: <image>\nWhat is written in the center cell? ASSISTANT: 7</s>"
                   "USER: And its colour? ASSISTANT: dark red, mostly.</s>", [" 7", " dark red, mostly."], "</s>"),
-    "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + data.LLAMA3_SYSTEM + "<|eot_id|>"
+    "llama3": ("<s><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + data.LLAMA3_SYSTEM + "<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is written in the center cell?<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n7<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nAnd its colour?<|eot_id|>"
@@ -142,7 +142,7 @@ def test_dataset_truncation_warning_counts(tok):
     with pytest.warns(UserWarning) as caught:
         ds[0], ds[1]
     assert [str(w.message).split(" [")[-1] for w in caught] == ["1 truncated so far]", "2 truncated so far]"]
-    assert "sample 1 (id 'synthetic-0-train-000001'): 49 tokens > max_len=40" in str(caught[1].message)
+    assert "sample 1 (id 'synthetic-0-train-000001'): 50 tokens > max_len=40" in str(caught[1].message)
     assert ds.n_truncated == 2
     with pytest.warns(UserWarning, match=r"sample 2 .* \[3 truncated so far\]"):
         assert len(ds[2][1]) == 40
@@ -166,7 +166,7 @@ def norm(rgb):
 
 
 def test_image_modes_to_rgb():
-    mean = tuple(round(255 * m) for m in data.CLIP_MEAN)
+    mean = (122, 116, 104)  # LLaVA's pad colour, tuple(int(x * 255) for x in image_mean)
     cases = {   # image -> the RGB its (0, 0) pixel must become
         "L": (Image.new("L", (4, 4), 77), (77, 77, 77)),
         "RGBA opaque": (Image.new("RGBA", (4, 4), (10, 200, 30, 255)), (10, 200, 30)),
@@ -184,10 +184,29 @@ def test_image_modes_to_rgb():
         assert torch.allclose(x[:, 0, 0], torch.tensor(norm(rgb)), atol=1e-5), name
 
 
+def test_center_crop_and_pad_match_clip_processor():
+    """center_crop: CLIP's processor (shortest side to size, centre crop), what LLaVA-style training does without
+    --image_aspect_ratio pad; pad_square: LLaVA's expand2square, then the same processor."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 12}, crop_size={"height": 12, "width": 12})
+    g = np.random.default_rng(0)
+    for w, h in [(31, 17), (17, 31), (40, 13), (13, 13)]:
+        im = Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = torch.from_numpy(clip(im, return_tensors="np")["pixel_values"][0])
+        assert (data.load_image(im, 12, pad_square=False, center_crop=True) - ref).abs().max() < 1e-5, (w, h)
+        squashed = data.load_image(im, 12, pad_square=False)  # Pheye's plain resize is another image
+        assert w == h or (squashed - ref).abs().max() > 0.1
+        canvas = Image.new("RGB", (max(w, h),) * 2, tuple(int(255 * m) for m in clip.image_mean))
+        canvas.paste(im, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))  # LLaVA train.py's expand2square
+        ref = torch.from_numpy(clip(canvas, return_tensors="np")["pixel_values"][0])
+        assert (data.load_image(im, 12, pad_square=True) - ref).abs().max() < 1e-5, (w, h)
+
+
 def test_pad_square_and_exif(tmp_path):
     im = Image.new("RGB", (8, 4), (255, 255, 255))
     x = data.load_image(im, 8, pad_square=True)   # 8x4 centred on 8x8: rows 0-1 and 6-7 are the mean colour
-    mean = torch.tensor(norm([round(255 * m) for m in data.CLIP_MEAN]))
+    assert data.PAD_COLOUR == (122, 116, 104)   # LLaVA's expand2square colour: the CLIP mean, truncated
+    mean = torch.tensor(norm(data.PAD_COLOUR))
     assert torch.allclose(x[:, 0, 0], mean, atol=1e-5) and torch.allclose(x[:, 7, 7], mean, atol=1e-5)
     assert torch.allclose(x[:, 4, 4], torch.tensor(norm([255] * 3)), atol=1e-5)
     assert torch.allclose(data.load_image(im, 8, pad_square=False)[:, 0, 0], torch.tensor(norm([255] * 3)))
@@ -477,3 +496,193 @@ def test_dataloader_workers_match_main_process(tok):
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=ds.collate)
     for got, want in zip(loader, main):
         assert all(torch.equal(got[k], want[k]) for k in ("pixels", "ids", "labels", "mask"))
+
+
+# ----------------------------------------------------------------------------- the releases' tokenization
+# Reference: each release's own rules, written from its code and run with transformers' tokenizers on real-format
+# tokenizer files: the conversation string as get_prompt builds it, LLaVA's tokenizer_image_token, and the label
+# masking of preprocess_v1 (LLaVA-1.5) / preprocess_llama3 (INF-LLaVA).
+CONV = [{"from": "human", "value": "What is written in the center cell?\n<image>"}, {"from": "gpt", "value": "7"},
+        {"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "The dark red, mostly."},
+        {"from": "human", "value": "Where is the blue square?"}, {"from": "gpt", "value": "Top left."}]
+
+
+def release_prompt(template, turns):
+    """conv.get_prompt() after preprocess_multimodal moved <image> to the front; an unanswered last question ends
+    with the assistant's role, as at inference."""
+    qa = [t["value"] for t in turns]
+    qa[0] = "<image>\n" + qa[0].replace("<image>", "").strip()
+    if template == "vicuna_v1":   # SeparatorStyle.TWO, sep " ", sep2 "</s>"
+        out = data.VICUNA_SYSTEM + " "
+        for j, m in enumerate(qa):
+            out += ("USER: " + m + " ", "ASSISTANT: " + m + "</s>")[j % 2]
+        return out + ("ASSISTANT:" if len(qa) % 2 else "")
+    roles = ("<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    out = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an "
+           "artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the "
+           "user's questions.<|eot_id|>")   # INF-LLaVA conv_llama3, SeparatorStyle.MPT, sep "<|eot_id|>"
+    for j, m in enumerate(qa):
+        out += roles[j % 2] + m + "<|eot_id|>"
+    return out + (roles[1] if len(qa) % 2 else "")
+
+
+def tokenizer_image_token(hf, prompt):
+    """LLaVA's mm_utils.tokenizer_image_token: each <image>-separated chunk tokenised by its own call; the BOS of
+    the first kept, the later ones' dropped."""
+    chunks = [hf(c).input_ids for c in prompt.split("<image>")]
+    offset = int(bool(chunks[0]) and chunks[0][0] == hf.bos_token_id)
+    ids = chunks[0][:offset]
+    for k, c in enumerate(chunks):
+        ids += ([IMAGE_ID] if k else []) + c[offset:]
+    return ids
+
+
+def release_labels(hf, template, prompt, ids):
+    """preprocess_v1 (with its correction for legacy=False tokenizers) and preprocess_llama3: mask each round's
+    instruction by its separately tokenised length; a tokenization mismatch (LLaVA drops the sample) fails."""
+    n = lambda s: len(tokenizer_image_token(hf, s))
+    target = list(ids)
+    if template == "vicuna_v1":
+        cur = 1
+        target[:1] = [IGNORE]
+        for i, rou in enumerate(prompt.split("</s>")):
+            parts = rou.split(" ASSISTANT: ")
+            if rou == "" or len(parts) != 2:
+                break
+            round_len, instruction_len = n(rou), n(parts[0] + " ASSISTANT: ") - 2
+            if i != 0 and not hf.legacy:   # LLaVA subtracts 1: on LLaMA's vocabulary "▁USER" (round alone) is one
+                # piece more than "USER" (after </s>, no dummy prefix); on this vocabulary we measure the difference
+                d = n(rou) - 1 - (len(hf("</s>" + rou, add_special_tokens=False).input_ids) - 1)
+                round_len, instruction_len = round_len - d, instruction_len - d
+            target[cur:cur + instruction_len] = [IGNORE] * instruction_len
+            cur += round_len
+    else:
+        rounds = prompt.split("<|eot_id|>")
+        rounds = (["<|eot_id|>".join(rounds[:3])]
+                  + ["<|eot_id|>".join(rounds[k:k + 2]) for k in range(3, len(rounds), 2)])
+        cur, sep = 0, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        for i, rou in enumerate(rounds):
+            parts = rou.split(sep)
+            if rou == "" or len(parts) != 2:
+                break
+            round_len, instruction_len = n(rou) + 1 - (i > 0), n(parts[0] + sep) - (i > 0)
+            target[cur:cur + instruction_len] = [IGNORE] * instruction_len
+            cur += round_len
+    target[cur:] = [IGNORE] * (len(target) - cur)
+    assert cur == len(ids), "LLaVA would report a tokenization mismatch and drop this sample"
+    return target
+
+
+def conversation_corpus():
+    lines = data.tiny_corpus(300) + [release_prompt(t, CONV).replace("<image>", "") for t in ("vicuna_v1", "llama3")]
+    return lines + [data.PHEYE_SYSTEM + "\n\nInstruction: what?\nOutput: The dark red"]
+
+
+@pytest.fixture(scope="module")
+def llama_sp(tmp_path_factory):
+    """A LLaMA-format SentencePiece model (BPE, byte fallback, dummy prefix, identity normalisation, split digits),
+    with LLaVA-1.5's tokenizer_config (legacy=False)."""
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("llama_sp")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(conversation_corpus()), model_prefix=str(d / "tokenizer"), vocab_size=700,
+        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
+        character_coverage=1.0, pad_id=-1, minloglevel=2, num_threads=1)
+    with open(d / "tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "legacy": False,
+                   "add_bos_token": True}, f)
+    return d
+
+
+@pytest.mark.parametrize("n_turns", [1, 2, 6, 5])
+def test_vicuna_v1_is_llava_tokenization(llama_sp, monkeypatch, n_turns):
+    """Our vicuna_v1 ids are LLaVA-1.5's tokenization of the whole prompt string and our labels its preprocess_v1
+    masks, token for token, with transformers' LLaMA tokenizer (legacy=False, as vicuna-v1.5) on a LLaMA-format
+    SentencePiece model. No stray "▁" after the system prompt or before an answer (a lone "▁" before an answer's
+    digit is the release's own: split digits); "USER: " ends in one and the chunk after <image> starts with one,
+    as in LLaVA (29871, -200, 29871, 13 on LLaMA)."""
+    from test_tokenizer import hf_llama
+    hf = hf_llama(llama_sp, monkeypatch, user=(), legacy=False)
+    ours = Tokenizer.from_pretrained(llama_sp)
+    turns = CONV[:n_turns]
+    prompt = release_prompt("vicuna_v1", turns)
+    want = tokenizer_image_token(hf, prompt)
+    ids, labels = data.tokenize_conversation(ours, turns, "vicuna_v1")
+    assert ids == want
+    lone = ours._sp.piece_to_id("\u2581")
+    p = ids.index(IMAGE_ID)
+    assert ids[p - 1] == lone and ours._sp.id_to_piece(ids[p + 1]).startswith("\u2581")   # "▁" or "▁\n"
+    assert ours.decode(ids[1:p]) == data.VICUNA_SYSTEM + " USER: " and lone not in ids[1:p - 1]
+    if n_turns % 2 == 0:
+        assert labels == release_labels(hf, "vicuna_v1", prompt, want)
+        answers = [ours.decode(ids[s:e - 1]) for s, e in spans(labels)]
+        assert answers == [t["value"] for t in turns[1::2]] and all(ids[e - 1] == 2 for s, e in spans(labels))
+    else:   # the generation prompt: the training ids up to the answer
+        full_ids, full_labels = data.tokenize_conversation(ours, CONV[:n_turns + 1], "vicuna_v1")
+        assert (ids, labels) == (full_ids[:len(ids)], full_labels[:len(ids)]) and prompt.endswith(" ASSISTANT:")
+    # the separately encoded segments of the old template differ: "▁" after the system prompt, "▁" + answer
+    assert ours.encode(data.VICUNA_SYSTEM + " ")[-1] == lone and ours.encode(" 7")[0] == lone
+
+
+def byte_bpe_dir(d, pattern, specials, bos=None, eos="<|endoftext|>"):
+    """A byte-level BPE tokenizer.json trained on the conversations (pattern None: GPT-2's regex, as Phi-1.5);
+    bos: the token its post-processor adds (LLaMA-3 adds <|begin_of_text|>; GPT-2/Phi-1.5 add nothing)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+    tk = HFTokenizer(BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pattern is None)
+    tk.pre_tokenizer = byte_level if pattern is None else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), byte_level])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(conversation_corpus(), trainers.BpeTrainer(
+        vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials,
+        show_progress=False))
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                          special_tokens=[(bos, tk.token_to_id(bos))])
+    tk.save(str(d / "tokenizer.json"))
+    with open(d / "tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos}, f)
+    return d
+
+
+@pytest.mark.parametrize("n_turns", [2, 6, 5])
+def test_llama3_is_inf_llava_tokenization(tmp_path, n_turns):
+    """INF-LLaVA's conv_llama3 on a LLaMA-3-format tokenizer (byte-level BPE with LLaMA-3's regex, a post-processor
+    that adds <|begin_of_text|>): our ids are tokenizer_image_token of the whole prompt, the BOS written twice as
+    the release has it (the tokenizer's and the template's), and our labels are preprocess_llama3's."""
+    from llm import LLAMA3_PATTERN
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    d = byte_bpe_dir(tmp_path, LLAMA3_PATTERN, specials, bos="<|begin_of_text|>", eos="<|eot_id|>")
+    hf, ours = PreTrainedTokenizerFast.from_pretrained(d), Tokenizer.from_pretrained(d)
+    turns = CONV[:n_turns]
+    prompt = release_prompt("llama3", turns)
+    want = tokenizer_image_token(hf, prompt)
+    ids, labels = data.tokenize_conversation(ours, turns, "llama3")
+    assert ids == want and ids[:2] == [ours.special["<|begin_of_text|>"]] * 2
+    if n_turns % 2 == 0:
+        assert labels == release_labels(hf, "llama3", prompt, want)
+        answers = [ours.decode(ids[s:e - 1]) for s, e in spans(labels)]
+        assert answers == [t["value"] for t in turns[1::2]]
+    else:
+        full_ids, full_labels = data.tokenize_conversation(ours, CONV[:n_turns + 1], "llama3")
+        assert (ids, labels) == (full_ids[:len(ids)], full_labels[:len(ids)])
+        assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_pheye_is_phi_tokenization(tmp_path):
+    """Pheye's prompt on a Phi-1.5-format tokenizer (GPT-2 byte-level BPE, no BOS): our ids are the tokenization
+    of the whole string "{SYSTEM}\\n\\nInstruction: {q}\\nOutput: {a}" + eos, the space inside the answer's first
+    token (" The"), and exactly " {a}" + eos is supervised."""
+    from transformers import PreTrainedTokenizerFast
+    d = byte_bpe_dir(tmp_path, None, ["<|endoftext|>"])
+    hf, ours = PreTrainedTokenizerFast.from_pretrained(d), Tokenizer.from_pretrained(d)
+    turns = [{"from": "human", "value": "<image>\nWhere is it?"}, {"from": "gpt", "value": "The dark red"}]
+    prompt = data.PHEYE_SYSTEM + "\n\nInstruction: Where is it?\nOutput:"
+    ids, labels = data.tokenize_conversation(ours, turns, "pheye")
+    assert ids == hf(prompt + " The dark red<|endoftext|>").input_ids
+    n = len(hf(prompt).input_ids)
+    assert labels == [IGNORE] * n + ids[n:] and hf.decode(ids[n:n + 1]) == " The"
+    assert data.tokenize_conversation(ours, turns[:1], "pheye")[0] == hf(prompt).input_ids

@@ -10,6 +10,7 @@ import data
 import hire
 import vit as vitlib
 from data import IGNORE, IMAGE_ID
+from llm import splice_image
 
 
 def small_enricher_config(**kw):
@@ -212,7 +213,7 @@ def test_image_splice_puts_visual_tokens_where_image_was():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
     D = m.config.llm.d_model
     img = torch.randn(2, 64, D)
-    emb, lab, msk = data.splice_image(idx, m.llm.embed, img, labels, mask)
+    emb, lab, msk = splice_image(idx, m.llm.embed, img, labels, mask)
     assert emb.shape == (2, 7 - 1 + 64, D)
     for b, p in enumerate([3, 1]):
         assert torch.equal(emb[b, p:p + 64], img[b])
@@ -223,7 +224,7 @@ def test_image_splice_puts_visual_tokens_where_image_was():
     # forward = the LM on the spliced sequence; the loss counts exactly the supervised tokens
     px = torch.randn(2, 3, 64, 64)
     logits, loss_sum = m(px, idx, labels, mask, reduction="sum")
-    emb, lab, msk = data.splice_image(idx, m.llm.embed, m.encode_images(px), labels, mask)
+    emb, lab, msk = splice_image(idx, m.llm.embed, m.encode_images(px), labels, mask)
     torch.testing.assert_close(logits, m.llm(embeds=emb, mask=msk))
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=IGNORE, reduction="none")
     assert (lab[:, 1:] != IGNORE).sum() == 8

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import inf_llava as inf
-from data import IGNORE, IMAGE_ID, splice_image
+from data import IGNORE, IMAGE_ID
 from inf_llava import INFLLaVA, INFLLaVAConfig, crop_global, crop_local, merge_global, merge_local
+from llm import splice_image
 
 
 def tiny(**kw):
@@ -151,6 +152,21 @@ def test_release_and_paper_dem_parameter_shapes():
     assert {k: tuple(v.shape) for k, v in paper.state_dict().items()} == {
         **{f"attn.{i}.{p}_proj.weight": (1024, 1024) for i in (0, 1) for p in "qkv"},  # Eq. 20-25, no bias
         "fusion.w_glo.weight": (512, 1024), "fusion.w_loc.weight": (512, 1024)}  # Eq. 26
+    shared = inf.DEM(dataclasses.replace(INFLLaVAConfig.preset("paper"), share_attention=True))
+    assert sum(p.numel() for p in shared.parameters()) == 3 * 1024 * 1024 + 2 * 512 * 1024  # one W_q/W_k/W_v
+    unshared = inf.DEM(dataclasses.replace(INFLLaVAConfig.preset("paper-release"), share_attention=False))
+    assert sum(p.numel() for p in unshared.parameters()) == sum(p.numel() for p in release.parameters()) + (
+        4 * (1024 * 1024 + 1024) + 2 * 1024)  # a second release attention
+
+
+def test_shared_attention_serves_both_directions():
+    torch.manual_seed(0)
+    dem = inf.DEM(tiny(share_attention=True))
+    assert len(dem.attn) == 1
+    d = dem.attn[0].q_proj.in_features
+    f_loc, f_glo = torch.randn(1, d, 12, 12), torch.randn(1, d, 12, 12)
+    ref_loc = full_attention_with_block_mask(dem.attn[0], f_loc, f_glo, "local", 3, 3)  # Eq. 22-25 with the
+    torch.testing.assert_close(dem.enhance_local(f_loc, f_glo, 3, 3), ref_loc, atol=1e-5, rtol=1e-5)  # same W
 
 
 # ----------------------------------------------------------------------------- the model
@@ -177,7 +193,7 @@ def test_pooling_dcm_branches_and_dual_combine_are_exact(base):
             (dict(dcm="local"), F.avg_pool2d(f_loc, 3)),  # Eq. 7 average pooling over each 3x3 block
             (dict(dcm="global"), F.avg_pool2d(f_glo, 3)),
             (dict(dcm="both"), F.avg_pool2d(f_loc + f_glo, 3)),  # Table 6 "w/ DCM": added, no DEM
-            (dict(dcm="local", downsample="bilinear"), f_loc[..., 1::3, 1::3]),  # release: the centre tokens
+            (dict(dcm="local", downsample="bilinear"), f_loc[..., 1::3, 1::3]),  # release at n=3: centre tokens
         ]:
             m = INFLLaVA(tiny(dual=False, dem="none", **kw), vit=base.vit, llm=base.llm)
             torch.testing.assert_close(m.image_features(x), tokens(expect), atol=1e-5, rtol=1e-5)
@@ -186,13 +202,18 @@ def test_pooling_dcm_branches_and_dual_combine_are_exact(base):
         single.dem.load_state_dict(s.dem.state_dict())
         low = base.vit(F.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False), layer=-2)[:, 1:]
         torch.testing.assert_close(s.image_features(x), single.image_features(x) + low, atol=1e-5, rtol=1e-5)
+        for dcm, f in (("local", f_loc), ("global", f_glo)):  # Table 6 "w/ DCM local/global": DEM on one view
+            m = INFLLaVA(tiny(dual=False, dcm=dcm), vit=base.vit, llm=base.llm)
+            torch.testing.assert_close(m.image_features(x), tokens(F.avg_pool2d(m.dem(f, f, 3, 3), 3)),
+                                       atol=1e-5, rtol=1e-5)
         mean = INFLLaVA(tiny(dual_combine="mean"), vit=base.vit, llm=base.llm)
         mean.dem.load_state_dict(s.dem.state_dict())
         torch.testing.assert_close(mean.image_features(x), s.image_features(x) / 2, atol=1e-5, rtol=1e-5)
 
 
 ABLATIONS = [dict(dem="global"), dict(dem="local"), dict(dem="none"), dict(dcm="local", dem="none"),
-             dict(dcm="global", dem="none"), dict(windows="release"), dict(attention="release"),
+             dict(dcm="global", dem="none"), dict(dcm="local"), dict(dcm="global"), dict(windows="release"),
+             dict(attention="release"), dict(share_attention=True),
              dict(downsample="bilinear"), dict(dual_combine="mean"), dict(dual=False),
              *[dict(fusion=f) for f in inf.CHOICES["fusion"] if f != "linear_concat"],
              inf.RELEASE]
@@ -235,12 +256,43 @@ def test_bad_inputs_are_refused_with_their_size(base):
             base.image_features(torch.zeros(shape))
     with pytest.raises(ValueError, match="image_size=100"):
         INFLLaVA(tiny(image_size=100))
-    with pytest.raises(ValueError, match="dem='none'"):
-        INFLLaVA(tiny(dcm="local"))
     with pytest.raises(ValueError, match="fusion"):
         INFLLaVA(tiny(fusion="concat"))
     with pytest.raises(ValueError, match="exactly one IMAGE_ID"):
         base(pixels(), torch.tensor([[1, 5, 6]]))
+
+
+def test_inputs_the_config_cannot_crop_are_refused(base):
+    # a 64-px (the ViT's own size) or 128-px image into a 192 model would run DCM/DEM on a 1x1 or 2x2 grid
+    for size in (64, 128):
+        with pytest.raises(ValueError, match=f"pixels of {size}x{size}: this INF-LLaVA crops 192x192 images into "
+                                             f"tiles of the ViT's 64.*resize_input=True"):
+            base.image_features(pixels(size=size))
+    with pytest.raises(ValueError, match="downsample='bilinear'.*3x3 grid.*image_size=256"):
+        INFLLaVA(tiny(image_size=256, downsample="bilinear"))
+    bilinear = INFLLaVA(tiny(downsample="bilinear"), vit=base.vit, llm=base.llm)
+    with pytest.raises(ValueError, match="pixels of 128x192: downsample='bilinear'"):
+        bilinear.image_features(torch.zeros(1, 3, 128, 192))
+
+
+def test_resize_input_is_the_releases_encode_images(base):
+    """The release's inference: a 64-px (its 336) image is resized bicubically to 192 (its 1008) for DCM/DEM, and
+    is its own low-res view."""
+    torch.manual_seed(0)
+    m = INFLLaVA(tiny(resize_input=True, **inf.RELEASE), vit=base.vit, llm=base.llm).eval()
+    x = pixels(size=64)
+    high = F.interpolate(x, size=(192, 192), mode="bicubic", align_corners=False)
+    feats = lambda crops: base.vit(crops.flatten(0, 1), layer=-2)[:, 1:].view(1, 9, 8, 8, -1).permute(0, 1, 4, 2, 3)
+    with torch.no_grad():
+        f_loc = merge_local(feats(crop_local(high, 3, 3)), 3, 3)
+        f_glo = merge_global(feats(crop_global(high, 3, 3)), 3, 3)
+        dual = F.interpolate(m.dem(f_loc, f_glo, 3, 3), size=(8, 8), mode="bilinear", align_corners=False)
+        ref = (dual.flatten(2).transpose(1, 2) + base.vit(x, layer=-2)[:, 1:]) / 2  # torch.mean of the two
+        torch.testing.assert_close(m.image_features(x), ref, atol=1e-5, rtol=1e-5)
+        big = pixels(size=192)  # a training-size input is not resized: the same as without the switch
+        plain = INFLLaVA(tiny(**inf.RELEASE), vit=base.vit, llm=base.llm).eval()
+        plain.dem.load_state_dict(m.dem.state_dict())
+        torch.testing.assert_close(m.image_features(big), plain.image_features(big), rtol=0, atol=0)
 
 
 def test_small_grayscale_rgba_images_are_resized_like_the_release(base):
@@ -314,6 +366,29 @@ def test_stage_gradients():
                 assert all(g is None for g in grads), part
     assert INFLLaVA.STAGES["pretrain"]["train"] == {"dem": 1e-3, "projector": 1e-3}
     assert INFLLaVA.STAGES["finetune"]["train"] == {"dem": 2e-5, "projector": 2e-5, "llm": 2e-5}
+
+
+def test_pretrain_centre_crops_finetune_pads_as_the_release(monkeypatch, tmp_path):
+    """INF-LLava_pretrain.sh has no --image_aspect_ratio pad (CLIP's processor: shortest side, centre crop);
+    INF-LLava_finetune.sh pads. train.py builds each stage's data that way."""
+    import data
+    import train
+
+    class Built(Exception):
+        pass
+
+    seen = {}
+
+    def make_dataset(*args, pad_square, center_crop, **kw):
+        seen[stage] = (pad_square, center_crop)
+        raise Built
+
+    monkeypatch.setattr(data, "make_dataset", make_dataset)
+    for stage in ("pretrain", "finetune"):
+        with pytest.raises(Built):
+            train.main(["--model=inf_llava", "--from_scratch=True", f"--stage={stage}", "--max_iters=1",
+                        f"--out_dir={tmp_path / stage}"], distributed=False)
+    assert seen == {"pretrain": (False, True), "finetune": (True, False)}
 
 
 def test_save_load_roundtrip(base, tmp_path):

@@ -12,6 +12,8 @@ from llm import LLM, KVCache, LLMConfig
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64, initializer_range=0.1)
+GPT2_SMALL = dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1,
+                  bos_token_id=0, eos_token_id=0)
 FAMILIES = {
     "llama2": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=4, rms_norm_eps=1e-5)),
     "llama3": lambda: LlamaForCausalLM(LlamaConfig(
@@ -22,8 +24,10 @@ FAMILIES = {
     "qwen2_tied": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2_untied": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
     "phi": lambda: PhiForCausalLM(PhiConfig(**SMALL, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                               initializer_range=0.1, bos_token_id=0, eos_token_id=0)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(**GPT2_SMALL)),
+    # an lm_head of its own is an nn.Linear (V, d), not a transposed Conv1D
+    "gpt2_untied": lambda: GPT2LMHeadModel(GPT2Config(**GPT2_SMALL, tie_word_embeddings=False)),
+    "gpt2_unscaled": lambda: GPT2LMHeadModel(GPT2Config(**GPT2_SMALL, scale_attn_weights=False)),  # no 1/sqrt(hs)
 }
 
 
@@ -225,6 +229,32 @@ def test_from_hf_reads_old_top_level_rope_fields():
                "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32,
                "partial_rotary_factor": 0.5, "rope_theta": 10000.0}
     assert LLMConfig.from_hf(phi_old).rotary_dim == 2
+
+
+def test_phi_without_partial_rotary_factor_rotates_half_as_transformers(hf_dirs, tmp_path):
+    """PhiConfig defaults partial_rotary_factor to 0.5: a config.json without it must load as transformers reads it."""
+    _, d = hf_dirs["phi"]
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.pop("partial_rotary_factor", None)
+    (cfg.get("rope_parameters") or {}).pop("partial_rotary_factor", None)
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    os.link(os.path.join(d, "model.safetensors"), tmp_path / "model.safetensors")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.rope_parameters["partial_rotary_factor"] == 0.5  # transformers filled its default in
+    ours = LLM.from_pretrained(tmp_path)
+    assert ours.config.rotary_dim == 4  # half of head_dim 8
+    idx, _ = batch(pads=(0, 0, 0))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() <= 1e-4
+
+
+def test_unsupported_activation_names_field_and_choices(hf_dirs, tmp_path):
+    for fam, field in [("gpt2", "activation_function"), ("llama2", "hidden_act")]:
+        cfg = json.load(open(os.path.join(hf_dirs[fam][1], "config.json")))
+        with pytest.raises(ValueError, match=rf"{field}='relu' is not supported; supported: \['gelu', 'gelu_new'"):
+            LLMConfig.from_hf({**cfg, field: "relu"})
+    with pytest.raises(ValueError, match=r"LLMConfig.act='relu'.*'silu'"):
+        LLM(LLMConfig(act="relu", mlp="gelu"))
 
 
 def test_load_errors_name_the_culprit(hf_dirs, tmp_path):

@@ -117,6 +117,24 @@ def test_sentencepiece_special_tokens(sp_dir):
     assert 4 in tok.encode("a<|eot_id|>b")          # user-defined pieces are matched by SentencePiece itself
 
 
+def test_special_tokens_map_overrides_an_old_tokenizer_config(sp_dir, tmp_path, monkeypatch):
+    """Vicuna-7b-v1.5's files: tokenizer_config.json without added_tokens_decoder, pad_token null there and "<unk>"
+    in special_tokens_map.json. transformers lets the map win (pad 0), for eos too."""
+    os.link(sp_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    write_json(tmp_path / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                    "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None})
+    write_json(tmp_path / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                                      "pad_token": "<unk>"})
+    ours, hf = Tokenizer.from_pretrained(tmp_path), hf_llama(tmp_path, monkeypatch)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 0)
+    write_json(tmp_path / "special_tokens_map.json", {"eos_token": "<s>", "pad_token": None})
+    ours, hf = Tokenizer.from_pretrained(tmp_path), hf_llama(tmp_path, monkeypatch)
+    assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (1, None)
+    write_json(tmp_path / "special_tokens_map.json", {"pad_token": "<nope>"})
+    with pytest.raises(ValueError, match=r"special_tokens_map\.json names pad_token='<nope>'"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- byte-level BPE
 
 def train_byte_bpe(pattern, vocab_size=900):
@@ -247,7 +265,8 @@ def test_tiktoken_file_llama3(llama3_bpe, tmp_path, monkeypatch):
 
 def test_tokenizer_json_and_configs(llama3_bpe, tmp_path):
     """A LLaMA-3-instruct style directory: tokenizer.json only, specials from tokenizer_config.json, stop ids from
-    generation_config.json; tokenizer_config wins over special_tokens_map."""
+    generation_config.json; a tokenizer_config with added_tokens_decoder is read alone (special_tokens_map's eos
+    and pad are ignored, as transformers does)."""
     from transformers import PreTrainedTokenizerFast
     tk, vocab, merges = llama3_bpe
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -261,10 +280,10 @@ def test_tokenizer_json_and_configs(llama3_bpe, tmp_path):
     write_json(tmp_path / "special_tokens_map.json", {"eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"})
     write_json(tmp_path / "generation_config.json", {"bos_token_id": 1000, "eos_token_id": [1001, 1004]})
     ours = Tokenizer.from_pretrained(tmp_path)
-    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.eos_ids) == (1000, 1004, 1001, [1004, 1001])
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.eos_ids) == (1000, 1004, None, [1004, 1001])
     assert ours.special == dict(zip(names, range(1000, 1005))) and ours.vocab_size == 1005
     hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
-    assert (hf.bos_token_id, hf.eos_token_id) == (ours.bos_id, ours.eos_id)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
     for t in TEXTS + LEADING + corpus(100, seed=6):
         ids = ours.encode(t)
         assert ids == hf.encode(t, add_special_tokens=False), t

@@ -84,6 +84,19 @@ def test_full_clip_layout_matches_transformers(tmp_path):
     check_parity(ours, hf.vision_model, pixels())  # text tower in the file is ignored
 
 
+def test_legacy_vision_config_dict_wins_like_transformers(tmp_path):
+    """Old CLIP config.json files carry vision_config_dict next to vision_config; transformers lets the dict win."""
+    hf_clip(act="gelu").save_pretrained(tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg["vision_config_dict"] = {**VISION, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-2}
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    hf = CLIPModel.from_pretrained(tmp_path).eval()
+    assert (hf.config.vision_config.hidden_act, hf.config.vision_config.layer_norm_eps) == ("quick_gelu", 1e-2)
+    ours = ViT.from_pretrained(str(tmp_path)).eval()
+    assert (ours.config.act, ours.config.eps) == ("quick_gelu", 1e-2)
+    check_parity(ours, hf.vision_model, pixels())
+
+
 def test_prefixed_vision_layout_with_position_ids(vision_dir, tmp_path):
     # transformers-4 vision checkpoints: keys prefixed "vision_model.", plus the saved position_ids buffer
     d, hf = vision_dir
@@ -154,9 +167,10 @@ def test_presets_match_transformers_parameter_counts():
     for name, hf_cfg in [
         ("clip-vit-l-14-336", CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                num_attention_heads=16, image_size=336, patch_size=14)),
+        # DFN-5B's ViT-H is open_clip's ViT-H-14-quickgelu (pretrained="dfn5b"): CLIP's quick_gelu
         ("clip-vit-h-14", CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                            num_attention_heads=16, image_size=224, patch_size=14,
-                                           hidden_act="gelu"))]:
+                                           hidden_act="quick_gelu"))]:
         with torch.device("meta"):
             ours, theirs = ViT(ViTConfig.preset(name)), CLIPVisionModel(hf_cfg)
         assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()), name
