@@ -104,6 +104,10 @@ def load_image(path_or_pil, size, pad_square, max_pixels=MAX_PIXELS, center_crop
     size, crop the centre; LLaVA-style training without --image_aspect_ratio pad, e.g. INF-LLaVA's pretraining),
     or neither: a plain aspect-changing resize (Pheye)."""
     im = open_image(path_or_pil, max_pixels)
+    if pad_square and max(im.size) ** 2 > max_pixels:   # a 60000x10 strip would pad to 3.6 gigapixels
+        name = "<PIL image>" if isinstance(path_or_pil, Image.Image) else path_or_pil
+        raise DataError(f"image {name}: padding {im.width}x{im.height} to a square makes {max(im.size) ** 2} "
+                        f"pixels > max_pixels {max_pixels}")
     if pad_square:
         im = expand2square(im, PAD_COLOUR)
     elif center_crop and im.width != im.height:
@@ -401,10 +405,13 @@ def read_llava_json(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:   # JSON is UTF-8 (RFC 8259), whatever the locale says
             records = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); JSON files are "
+                        f"UTF-8: re-save it so (e.g. from Latin-1: iconv -f latin1 -t utf-8)") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
     return records
@@ -412,23 +419,24 @@ def read_llava_json(path):
 
 class LlavaJsonDataset(_Samples):
     """A LLaVA-format JSON file + image folder. Records are checked when the dataset is built (structure, roles,
-    image file present) and images when read; skip_bad=True skips bad ones with a logged count instead of
-    raising. split: None (all records), "train" (all but every val_every-th), "val"/"test" (every
-    val_every-th record, at most n of them)."""
+    image file present, an answer to learn) and images when read; skip_bad=True skips bad ones with a logged
+    count instead of raising. split: None (all records), "val"/"test" (a val_fraction of the records, spread
+    evenly: record k when floor((k+1) f) > floor(k f), every 50th at 0.02; at most n of them), "train" (the rest)."""
 
     def __init__(self, path, tok, template="vicuna_v1", image_size=64, pad_square=True, max_len=None,
-                 image_dir=None, skip_bad=False, split=None, n=None, val_every=50, max_pixels=MAX_PIXELS,
+                 image_dir=None, skip_bad=False, split=None, n=None, val_fraction=0.02, max_pixels=MAX_PIXELS,
                  center_crop=False):
         self._init(tok, template, image_size, pad_square, max_len, center_crop)
         self.path, self.skip_bad, self.max_pixels = path, skip_bad, max_pixels
         self.image_dir = image_dir or os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(self.image_dir):
             raise FileNotFoundError(f"image folder not found: {self.image_dir}")
-        records = read_llava_json(path)
+        records = all_records = read_llava_json(path)
+        held_out = lambda k: int((k + 1) * val_fraction + 1e-9) > int(k * val_fraction + 1e-9)
         if split in ("val", "test"):
-            records = [r for k, r in enumerate(records) if k % val_every == val_every - 1][:n]
+            records = [r for k, r in enumerate(records) if held_out(k)][:n]
         elif split == "train":
-            records = [r for k, r in enumerate(records) if k % val_every != val_every - 1]
+            records = [r for k, r in enumerate(records) if not held_out(k)]
         elif split is not None:
             raise DataError(f"split={split!r}: expected None, 'train', 'val' or 'test'")
         self.records, bad = [], []
@@ -443,6 +451,11 @@ class LlavaJsonDataset(_Samples):
         self.n_skipped = len(bad)
         if bad:
             log.warning("%s: skipped %d bad record(s) of %d, first: %s", path, len(bad), len(records), bad[0])
+        if not self.records and split in ("val", "test") and not bad:
+            n_all = len(all_records)
+            raise DataError(f"{path}: no {split} records: {val_fraction:g} of its {n_all} records is less than one; "
+                            f"hold out a larger share (train.py --val_fraction={min(0.5, 2 / max(n_all, 1)):.2g}) "
+                            f"or train without validation (train.py --n_val=0)")
         if not self.records:
             raise DataError(f"{path}: empty dataset (split={split}, {len(records)} records, {len(bad)} bad)")
 
@@ -451,6 +464,13 @@ class LlavaJsonDataset(_Samples):
         if not isinstance(rec, dict) or "conversations" not in rec:
             raise DataError(f"{where}: no 'conversations' field")
         check_turns(rec["conversations"], where)
+        turns = rec["conversations"]
+        if len(turns) % 2:   # training data: every question has its answer (generation prompts are built later)
+            raise DataError(f"{where}: the last turn is a question without an answer (turns alternate human/gpt "
+                            f"and must end with gpt's)")
+        empty = [j for j in range(1, len(turns), 2) if not turns[j]["value"].strip()]
+        if empty:
+            raise DataError(f"{where}, turn {empty[0]}: empty answer (nothing to learn from)")
         if not isinstance(rec.get("image"), str):
             raise DataError(f"{where}: no 'image' field (every nanoHiRes sample has one image)")
         if not os.path.isfile(os.path.join(self.image_dir, rec["image"])):
@@ -722,7 +742,7 @@ def patch_example(seed, split, i, view=64, patch=8, scales=(1, 1, 2, 3), others=
 
 
 def make_dataset(data, tok, template, image_size, pad_square, max_len=None, split="train", n=1000, seed=0,
-                 image_dir=None, skip_bad=False, task=None, center_crop=False, others=OTHERS):
+                 image_dir=None, skip_bad=False, task=None, val_fraction=0.02, center_crop=False, others=OTHERS):
     """train.py's entry: "synthetic" (task: captions for the plain template, else QA; others: as
     SyntheticDataset) or a LLaVA JSON path."""
     if data == "synthetic":
@@ -732,7 +752,8 @@ def make_dataset(data, tok, template, image_size, pad_square, max_len=None, spli
                                 others=others)
     return LlavaJsonDataset(data, tok, template=template, image_size=image_size, pad_square=pad_square,
                             max_len=max_len, image_dir=image_dir or None, skip_bad=skip_bad, split=split,
-                            n=n if split != "train" else None, center_crop=center_crop)
+                            n=n if split not in ("train", None) else None, val_fraction=val_fraction,
+                            center_crop=center_crop)
 
 
 # ----------------------------------------------------------------------------- the tiny tokenizer

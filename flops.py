@@ -294,30 +294,41 @@ def jbu_apply(hw, channels, radius):
     return Cost(unseen=hw * channels * (16 + k2))
 
 
-def fold_window(n_in, n_out, cells, radius):
-    """L of hire.fold_upsample: the input span that one pooling block's window (s + 2r rows of the reflect-padded
-    n_out map, s = n_out / cells) reads through bicubic upsampling (4 taps per row, clamped at the borders)."""
-    s, step = n_out // cells, n_in // cells
-
-    def taps(y):
+def pull_back_axis(n_in, n_out, radius, starts, length):
+    """hire.pull_back_axis's geometry: block c's window [starts[c], + length) of the reflect-padded, bicubic-upsampled
+    map (4 taps per row, clamped at the borders) reads the input on [new_starts[c], + L). Returns (new_starts, L)."""
+    def taps(y):  # y in padded coordinates
+        y -= radius
+        if not -radius <= y < n_out + radius:
+            return []
         y = -y if y < 0 else 2 * (n_out - 1) - y if y >= n_out else y  # reflect padding
         f = math.floor((y + 0.5) * n_in / n_out - 0.5)
         return [min(max(f + o, 0), n_in - 1) for o in (-1, 0, 1, 2)]
 
-    spans = [[t for y in range(c * s - radius, c * s + s + radius) for t in taps(y)] for c in range(cells)]
-    before = max(0, max(step * c - min(sp) for c, sp in enumerate(spans)))
-    return max(max(sp) + 1 - step * c + before for c, sp in enumerate(spans))
+    spans = [[t for y in range(s, s + length) for t in taps(y)] for s in starts]
+    first, last = [min(sp) for sp in spans], [max(sp) for sp in spans]
+    if n_in % len(starts) == 0:  # evenly spaced windows, as hire.py makes them
+        step = n_in // len(starts)
+        before = max(step * c - f for c, f in enumerate(first))
+        first = [step * c - before for c in range(len(starts))]
+    return first, max(hi + 1 - lo for lo, hi in zip(first, last))
 
 
-def jbu_last_pooled(grid, size_in, size_out, channels, radius):
-    """The last JBU layer and the average pool of Eq. (4) fused, as hire.py does: the pool folded into the kernel
-    (k^2 per pixel, unseen), the bicubic upsampling size_in -> size_out folded into those weights (two einsums per
-    block), then each of the grid^2 pooled outputs is one L x L window of the layer's input: an einsum. The last
-    layer never touches a size_out map."""
-    w, L = (size_out // grid + 2 * radius), fold_window(size_in, size_out, grid, radius)
-    n = grid * grid
-    fold = Cost(unseen=size_out ** 2 * (2 * radius + 1) ** 2) + Cost(mac=n * L * w * w + n * L * L * w)
-    return fold + linear(n, channels, L * L)
+def jbu_response(grid, sizes, radius):
+    """hire.Enricher.response: the pool's weights on each block pulled back through the layers, per block window.
+    Per layer: the kernel times the weights and their scatter-back (F.fold; unseen), then two einsums with the
+    upsampling matrices (seen)."""
+    n, k2 = grid * grid, (2 * radius + 1) ** 2
+    s = sizes[-1] // grid
+    starts, L, cost = tuple(range(0, sizes[-1], s)), s, Cost()
+    for i in reversed(range(len(sizes))):
+        size_in = sizes[i - 1] if i else grid
+        cost += Cost(unseen=n * k2 * L * L * 2)
+        starts, L_in = pull_back_axis(size_in, sizes[i], radius, starts, L + 2 * radius)
+        w = L + 2 * radius
+        cost += Cost(mac=n * L_in * w * w + n * L_in * w * L_in)
+        L = L_in
+    return cost
 
 
 def jbu_sizes(S, grid, e):
@@ -329,25 +340,21 @@ def jbu_sizes(S, grid, e):
     return [S >> (n - k) for k in range(1, n + 1)]
 
 
-def hire_enricher(S, grid, d, e=ENRICHER, path="auto"):
+def hire_enricher(S, grid, d, e=ENRICHER, path="basis"):
     """pool(J(U(I), E(i))) of Eq. (2)-(4) for an S x S image and a grid x grid x d ViT map. J's 5 layers output at
     the UNet decoder's sizes S/16 ... S (24 -> 42 -> ... -> 672 for CLIP-L at 672), each guided by that decoder
-    map. path "direct" pushes the d channels through J; "basis" (hire.py's exact shortcut when grid^2 < d) pushes
-    the grid^2 one-hot maps through and mixes the channels with one einsum (d x grid^2 x grid^2), which counters
-    see."""
-    n = grid * grid
-    if path == "auto":
-        path = "basis" if n < d else "direct"
-    channels = n if path == "basis" else d
+    map. path "basis" (hire.py's default) pulls the pool back through J block by block (jbu_response) into a
+    grid^2 x grid^2 matrix and mixes the channels with one einsum (d x grid^2 x grid^2); "direct" pushes the d
+    channels through every layer at full size, then pools (fvcore: 1 per pooled input element)."""
     sizes = jbu_sizes(S, grid, e)
     cost = unet(S, e.unet_widths, e.guide_dim)
-    for k, side in enumerate(sizes):
+    for side in sizes:
         cost += jbu_kernel(side * side, e.guide_dim, e.jbu_key_dim, e.jbu_radius)
-        if k < len(sizes) - 1:
-            cost += jbu_apply(side * side, channels, e.jbu_radius)
-    size_in = sizes[-2] if len(sizes) > 1 else grid
-    cost += jbu_last_pooled(grid, size_in, sizes[-1], channels, e.jbu_radius)
-    return cost + (linear(n, n, d) if path == "basis" else Cost())
+    if path == "direct":
+        return cost + sum((jbu_apply(side * side, d, e.jbu_radius) for side in sizes), Cost()) + Cost(
+            fv_extra=d * sizes[-1] ** 2)
+    n = grid * grid
+    return cost + jbu_response(grid, sizes, e.jbu_radius) + linear(n, n, d)
 
 
 def hire(resolution, vit_cfg="vit-l-14-336", enricher=ENRICHER, **kw):
@@ -612,13 +619,13 @@ def llm_case(cfg, T, device="meta"):
     return counted(lambda: m(embeds=x)), lm_prefill(T, cfg).torch
 
 
-def enricher_case(S, path="auto"):
+def enricher_case(S, path="basis", sizes="decoder"):
     """(counted, analytic) for the paper-size HIRE enricher (CLIP-L features, 24 x 24 x 1024) at S, on meta. All
     channels go through J in one chunk: chunking saves memory, not FLOPs, and meta tensors hold no memory."""
     import dataclasses
     import torch
     from hire import Enricher, HIREConfig
-    c = dataclasses.replace(HIREConfig.preset("paper"), jbu_chunk=1024)
+    c = dataclasses.replace(HIREConfig.preset("paper"), jbu_chunk=1024, jbu_sizes=sizes)
     with torch.device("meta"):
         m = Enricher(c).eval()
         image, feats = torch.zeros(1, 3, S, S), torch.zeros(1, 1024, 24, 24)

@@ -10,6 +10,7 @@ HIRE has no public code. Where the paper is silent we follow LLaVA-1.5 (projecto
 JBULearnedRange (the enriching layer) and S2's s2wrapper (the baseline), and say so in a comment.
 """
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -45,14 +46,15 @@ class HIREConfig:
     enricher: str = "hire"  # "hire" | "s2" | "none"
     vit_layer: int = -2  # LLaVA-1.5: penultimate ViT layer, class token dropped
     s2_scales: list[int] = field(default_factory=lambda: [336, 672, 1008])
-    # the enricher (Sec. 2.2); sizes chosen to land on the paper's ~0.25 M parameters for any ViT width
+    # the enricher (Sec. 2.2). The paper gives no widths, only "5 stages", "5 JBU layers" and "only 250k parameters";
+    # ours: 0.230 M for any ViT width (HIRE.describe prints it; tests/test_hire.py counts it)
     unet_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 64, 64])  # encoder at 1 .. 1/16
     guide_dim: int = 32  # UNet decoder width = guidance channels of every JBU layer
     jbu_layers: int = 5
     jbu_radius: int = 3  # FeatUp: 7x7 kernels
     jbu_key_dim: int = 32  # FeatUp
     jbu_dropout: float = 0.1  # FeatUp's Dropout2d in the range and fix-up projections
-    jbu_chunk: int = 64  # channels pushed through the JBU stack at a time (memory, not maths)
+    jbu_chunk: int = 64  # path="direct": channels pushed through the JBU stack at a time (memory, not maths)
     # JBU output sizes: "decoder" = the UNet decoder's S/16 ... S (x_en at the image size, Eq. 1; the paper's
     # reading), "doubling" = FeatUp's 2x per layer from E(i) (24 -> 768 at any S). See Enricher.
     jbu_sizes: str = "decoder"
@@ -65,12 +67,18 @@ class HIREConfig:
         presets = {
             "paper": lambda: HIREConfig(),  # CLIP-L/336 + Vicuna-7B-v1.5, I at 672 (Table 3)
             "paper-1008": lambda: HIREConfig(image_size=1008),  # Table 1's 1008 row
+            # Table 1, row by row (first-token FLOPs: flops.py)
+            "llava-336": lambda: HIREConfig(enricher="none"),
+            "s2-672": lambda: HIREConfig(enricher="s2", s2_scales=[336, 672]),
+            "s2-1008": lambda: HIREConfig(enricher="s2", s2_scales=[336, 672, 1008]),
+            "hire-672": lambda: HIREConfig(image_size=672),
+            "hire-1008": lambda: HIREConfig(image_size=1008),
             "qwen": lambda: HIREConfig(llm=qwen7b),
             # the tiny sizes every model shares: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
             # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
             # 1 px of 128), half-width UNet and keys (0.05 M), and 4 JBU layers, not 5, taking E(i) (8 x 8) to
-            # 128 = the input size, as Eq. (1) says ("up to the original image size"). With the paper's shape
-            # (7x7, full widths) a tiny HIRE training step takes 2.0x the CPU time (1.29 vs 0.64 s)
+            # 128 = the input size, as Eq. (1) says ("up to the original image size"). The two readings of the
+            # stack's sizes agree here: the 4 finest decoder maps (S/8 ... S = 16 ... 128) are 8 * 2^k
             "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
                                        s2_scales=[64, 128, 192], unet_widths=[8, 16, 32, 32, 32], guide_dim=16,
                                        jbu_layers=4, jbu_radius=1, jbu_key_dim=16),
@@ -82,6 +90,11 @@ class HIREConfig:
     @staticmethod
     def from_dict(d: dict) -> "HIREConfig":
         d = dict(d)
+        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(HIREConfig)})
+        if arch not in (None, "HIRE") or unknown:
+            raise ValueError(f"not a HIRE checkpoint: its config.json is a {arch or 'another model'}'s"
+                             + (f", with fields HIRE does not have: {unknown}" if unknown else ""))
         d["vit"], d["llm"] = ViTConfig(**d["vit"]), LLMConfig(**d["llm"])
         return HIREConfig(**d)
 
@@ -90,13 +103,16 @@ class HIREConfig:
 class UNet(nn.Module):
     """U of Eq. (2): an encoder of 5 stages at 1, 1/2, 1/4, 1/8, 1/16 of I and a decoder of the same depth with
     skip connections back to full resolution. Its decoder maps, coarse to fine, guide the JBU layers.
-    The paper gives no widths; one 3x3 conv per stage keeps the whole enricher at its ~0.25 M parameters."""
+    The paper says only "a standard UNet" with these 5 scales and ~250k parameters for the enricher. Our choices:
+    one 3x3 conv + ReLU per stage (a "standard" UNet has two; one keeps the enricher at 0.230 M), no normalisation
+    layers, max-pooling down and bilinear upsampling up (no transposed convs), and a 1x1 bottleneck conv without
+    activation that maps the coarsest encoder stage to the guide width and is itself the coarsest guide."""
 
     def __init__(self, widths: list[int], guide_dim: int):
         super().__init__()
         chans = [3] + list(widths)
         self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU()) for a, b in zip(chans, widths))
-        self.bottleneck = nn.Conv2d(widths[-1], guide_dim, 1)
+        self.bottleneck = nn.Conv2d(widths[-1], guide_dim, 1)  # ours: 1x1, no activation; the coarsest guide
         self.up = nn.ModuleList(nn.Sequential(nn.Conv2d(guide_dim + w, guide_dim, 3, padding=1), nn.ReLU())
                                 for w in reversed(widths[:-1]))
 
@@ -108,7 +124,7 @@ class UNet(nn.Module):
         d = self.bottleneck(x)  # (B, G, S/16, S/16)
         guides = [d]
         for stage, skip in zip(self.up, reversed(skips[:-1])):
-            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            d = F.interpolate(d, size=skip.shape[-2:], mode="bilinear", align_corners=False)  # ours: bilinear
             d = stage(torch.cat([d, skip], dim=1))
             guides.append(d)
         return guides  # 5 maps, S/16 ... S
@@ -186,9 +202,9 @@ class NeighbourSimilarity(torch.autograd.Function):
 # a tile's input (with its r-row halo) stays in cache while all d*d taps read it. Each neighbourhood then comes from
 # memory once instead of d*d times (49 for FeatUp's 7x7). Same arithmetic, same order per output value; only the
 # backward's accumulation into the overlapping halos changes order. On a GPU one tile is the whole map (the
-# elementwise kernels stream it anyway). A torch.compile of the tap loop fuses it too (on this CPU: 4.6x over the
-# eager loop on one 64 x 336 x 336 map, about equal to tiling) but costs ~20 s of compiling per shape on first call
-# and needs a C++ compiler, which torch's CPU wheel does not bring.
+# elementwise kernels stream it anyway). A torch.compile of the tap loop fuses it too (on this CPU, one 64 x 336 x 336
+# map, 7x7: compiled 0.072 s, tiled 0.078 s, the reference loop 0.131 s) but costs ~22 s of compiling per shape on
+# the first call and needs a C++ compiler, which torch's CPU wheel does not bring.
 TILE_BYTES = 1 << 20  # a tile's padded input: about one core's L2 cache
 
 
@@ -284,20 +300,12 @@ def apply_kernel(x, kernel, radius):
     return FusedAdaptiveConv.apply(F.pad(x, [radius] * 4, mode="reflect"), kernel, radius)
 
 
-def pool_kernel(kernel, grid, radius):
-    """Fold an s x s average pool into the per-pixel kernel before it (s = H / h): pool(apply_kernel(x, k))[P] =
-    sum over the (s+2r)^2 window of block P in the padded x of the returned weights. (B, (s+2r)^2, h*w)."""
-    B, _, H, W = kernel.shape
-    (h, w), d = grid, 2 * radius + 1
-    s, L = H // h, H // h + 2 * radius
-    k = kernel.reshape(B, d, d, h, s, w, s).permute(0, 3, 5, 1, 2, 4, 6)  # (B, h, w, d, d, s, s)
-    # tap t = (i, j) of output pixel (y, x) of block P reads window position (i + y, j + x). (unbind, not k[..., i, j]:
-    # its backward is one stack, not a zero-filled copy of k per tap)
-    taps = k.flatten(3, 4).unbind(3)
-    win = sum(F.pad(taps[t], (t % d, L - s - t % d, t // d, L - s - t // d)) for t in range(d * d))
-    return win.reshape(B, h * w, L * L).transpose(1, 2) / (s * s)  # (B, L*L, h*w), F.unfold's layout
-
-
+# The pooled enricher as one matrix. Once the kernels are fixed, J and the pool of Eq. (4) are linear in E(i) and
+# act on every channel alike: pool(J(E))[c] = M E[c], with M (h*w x h*w). Row P of M (what output block P reads)
+# is the pool's weights on block P pulled back through the layers: through each adaptive convolution (transposed:
+# every tap scatters back), its reflect padding and its bicubic upsampling (both separable: one matrix per axis).
+# Each block's weights live in a small window of each level (CLIP-L at 672: 28, 20, 17, 15, 14 and 18 pixels wide
+# from 672 down to E(i)), so M costs 0.16 G multiply-adds where pushing the 1024 channels through J costs 30 G.
 def upsample_matrix(n_in, n_out, radius):
     """(n_out + 2r, n_in): bicubic upsampling n_in -> n_out along one axis (align_corners=False), then reflect
     padding by r, as a matrix (fp64, CPU). Both are separable, so pad(up(X)) = R X R^T for a map X."""
@@ -306,43 +314,59 @@ def upsample_matrix(n_in, n_out, radius):
     return F.pad(up, (0, 0, radius, radius), mode="reflect").view(n_in, n_out + 2 * radius).T
 
 
-def axis_windows(n_in, n_out, cells, radius, like):
-    """Along one axis, for each of `cells` pooling blocks: the rows of R (upsample_matrix) that the block's padded
-    window reads, cut to the input span they touch. Returns (A (cells, s+2r, L), pad_before, pad_after) such that
-    block c reads input positions [c * n_in/cells, + L) of the input padded by (pad_before, pad_after) zeros.
-    The geometry depends on the sizes only: it is found on the CPU, A then moves to `like`'s device and dtype."""
-    s, step = n_out // cells, n_in // cells
-    R = upsample_matrix(n_in, n_out, radius)
-    rows = torch.stack([R[c * s:c * s + s + 2 * radius] for c in range(cells)])  # (cells, s+2r, n_in)
+@functools.lru_cache(maxsize=128)
+def pull_back_axis(n_in, n_out, radius, starts, length):
+    """One axis of one JBU layer, backwards. Block c's weights cover the padded upsampled map on [starts[c],
+    + length) (padded coordinates). Returns (A (cells, length, L) fp64, the blocks' input windows' starts, L):
+    block c's weights on the layer's input are A[c]^T Z A[c'] on [start, + L). Depends on sizes only (cached)."""
+    R = upsample_matrix(n_in, n_out, radius)  # (n_out + 2r, n_in)
+    lo, hi = max(0, -min(starts)), max(0, max(starts) + length - R.shape[0])
+    R = F.pad(R, (0, 0, lo, hi))  # zero rows: window parts outside the padded map read nothing
+    rows = torch.stack([R[s + lo:s + lo + length] for s in starts])  # (cells, length, n_in)
     used, pos = rows.ne(0).any(1), torch.arange(n_in)
     first = torch.where(used, pos, n_in).min(1).values
     last = torch.where(used, pos, -1).max(1).values
-    starts = step * torch.arange(cells)
-    before = int((starts - first).max().clamp_min(0))
-    L = int((last + 1 - starts + before).max())
-    after = step * (cells - 1) + L - n_in - before  # negative: crop
-    Rp = F.pad(R, (before, max(after, 0)))
-    A = torch.stack([Rp[c * s:c * s + s + 2 * radius, c * step:c * step + L] for c in range(cells)])
-    return A.to(like.device, like.dtype), before, after
+    cells = len(starts)
+    if n_in % cells == 0:  # evenly spaced windows (some reaching past the border): windows() takes strided views
+        step = n_in // cells
+        first = step * torch.arange(cells) - int((step * torch.arange(cells) - first).max())
+    L = int((last + 1 - first).max())
+    lo = max(0, -int(first.min()))
+    rows = F.pad(rows, (lo, L))  # zero columns before the start and past the end
+    A = torch.stack([rows[c, :, f + lo:f + lo + L] for c, f in enumerate(first.tolist())])
+    return A, tuple(first.tolist()), L
 
 
-def fold_upsample(folded, grid, size_in, size_out, radius):
-    """Fold the bicubic upsampling size_in -> size_out that opens the last JBU layer (and its reflect padding) into
-    pool_kernel's weights: pool(apply_kernel(up(x), k)) = the returned weights on L x L windows of x itself,
-    zero-padded by `pad` (F.pad order), one window per block at stride size_in / grid. The last layer then never
-    touches a full-resolution map. Returns (weights (B, L*L, h*w), L, stride, pad)."""
-    (h, w), B = grid, folded.shape[0]
-    if size_in[0] % h or size_in[1] % w:
-        raise ValueError(f"the last JBU layer's input {tuple(size_in)} is not a multiple of the grid {grid}")
-    Ah, top, bottom = axis_windows(size_in[0], size_out[0], h, radius, folded)  # (h, s+2r, L)
-    Aw, left, right = axis_windows(size_in[1], size_out[1], w, radius, folded)
-    L = Ah.shape[-1]
-    if Aw.shape[-1] != L or size_in[0] // h != size_in[1] // w:
-        raise ValueError(f"non-square blocks: input {tuple(size_in)}, output {tuple(size_out)}, grid {grid}")
-    k = folded.view(B, Ah.shape[1], Aw.shape[1], h, w)  # (B, a, b, y, x): tap (a, b) of block (y, x)
-    v = torch.einsum("yai,nabyx->nibyx", Ah, k)
-    v = torch.einsum("nibyx,xbj->nijyx", v, Aw)  # (B, L, L, h, w)
-    return v.reshape(B, L * L, h * w), L, size_in[0] // h, [left, right, top, bottom]
+def even_step(starts):
+    """The common step of evenly spaced starts (1 for a single one), else 0."""
+    steps = {b - a for a, b in zip(starts, starts[1:])} or {1}
+    return steps.pop() if len(steps) == 1 and min(steps) > 0 else 0
+
+
+def windows(t, starts_y, starts_x, Ly, Lx):
+    """t (B, T, H, W) -> (B, T, h, w, Ly, Lx): the window of every block (starts per axis), zero outside."""
+    H, W = t.shape[-2:]
+    p = max(0, -min(starts_y + starts_x), max(starts_y) + Ly - H, max(starts_x) + Lx - W)
+    t = F.pad(t, [p] * 4)
+    sy, sx = even_step(starts_y), even_step(starts_x)
+    if sy and sx:  # evenly spaced windows: strided views, no copy
+        t = t[..., starts_y[0] + p:, starts_x[0] + p:]
+        return t.unfold(2, Ly, sy).unfold(3, Lx, sx)[:, :, :len(starts_y), :len(starts_x)]
+    iy = torch.tensor(starts_y, device=t.device)[:, None] + p + torch.arange(Ly, device=t.device)  # (h, Ly)
+    ix = torch.tensor(starts_x, device=t.device)[:, None] + p + torch.arange(Lx, device=t.device)
+    # two index_selects, not one advanced index: their backward is an index_add, not a sorting index_put
+    win = t.index_select(2, iy.flatten()).index_select(3, ix.flatten())
+    return win.view(*t.shape[:2], len(starts_y), Ly, len(starts_x), Lx).transpose(3, 4)
+
+
+def conv_transpose_windows(w, k, radius):
+    """The adaptive convolution transposed, per block window: w (B, h, w, Ly, Lx) weights on the output, k (B, d*d,
+    h, w, Ly, Lx) the kernel at those pixels -> (B, h, w, Ly+2r, Lx+2r) weights on the padded input window. Each
+    tap scatters back to where it read: F.fold (col2im) sums exactly that."""
+    d, (B, h, ww, Ly, Lx) = 2 * radius + 1, w.shape
+    taps = (w.unsqueeze(3) * k.permute(0, 2, 3, 1, 4, 5)).reshape(B * h * ww, d * d, Ly * Lx)
+    z = F.fold(taps, (Ly + 2 * radius, Lx + 2 * radius), kernel_size=d)  # (B*h*w, 1, Ly+2r, Lx+2r)
+    return z.view(B, h, ww, Ly + 2 * radius, Lx + 2 * radius)
 
 
 class JBU(nn.Module):
@@ -396,7 +420,7 @@ class Enricher(nn.Module):
     JBUStack): each layer doubles, 24 -> 768 at every input size, with its guide resized to that size by adaptive
     average pooling as FeatUp's JBUStack does. FeatUp ends its stack with a residual 1x1 conv over the C channels;
     we leave it out: after pooling it is a CxC linear map that the projector's first Linear already spans, and at
-    C = 1024 it alone would be 1 M of the paper's 0.25 M."""
+    C = 1024 it alone would be 1 M, four times the paper's whole enricher."""
 
     def __init__(self, cfg: HIREConfig):
         super().__init__()
@@ -422,51 +446,64 @@ class Enricher(nn.Module):
         return [layer.kernel(g) for layer, g in zip(self.jbu, self.guides(image, grid))]
 
     def propagate(self, x, kernels):
-        """pool(J(x)) with the kernels fixed. Every op acts on each channel alike, so channels go through the
-        stack `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps, not C of them.
-        The last layer never runs at full resolution: the average pool is folded into its kernel (pool_kernel),
-        and the bicubic upsampling before it into those weights (fold_upsample)."""
-        h, w = x.shape[-2:]
-        r = self.jbu[0].radius
-        size_in = kernels[-2].shape[-2:] if len(kernels) > 1 else (h, w)
-        folded = pool_kernel(kernels[-1], (h, w), r)  # (B, (s+2r)^2, h*w) on the padded top map
-        folded, L, step, pad = fold_upsample(folded, (h, w), size_in, kernels[-1].shape[-2:], r)  # (B, L*L, h*w)
+        """pool(J(x)) with the kernels fixed, the plain way: every layer at full size, then the average pool.
+        Channels go through `chunk` at a time (checkpointed under autograd): peak memory is a chunk's maps."""
+        r, grid = self.jbu[0].radius, x.shape[-2:]
 
-        def stack(xc, folded, *ks):
+        def stack(xc, *ks):
             for k in ks:
                 xc = F.interpolate(xc, size=k.shape[-2:], mode="bicubic", align_corners=False)
                 xc = apply_kernel(xc, k, r)
-            cols = F.unfold(F.pad(xc, pad), kernel_size=L, stride=step)
-            cols = cols.view(xc.shape[0], xc.shape[1], L * L, h * w)  # (B, c, L*L, h*w): each block's window
-            return torch.einsum("bclp,blp->bcp", cols, folded).view(*xc.shape[:2], h, w)
+            return F.adaptive_avg_pool2d(xc, grid)
 
         outs = []
         for xc in x.split(self.chunk, dim=1):
             if torch.is_grad_enabled() and x.shape[1] > self.chunk:
-                outs.append(checkpoint(stack, xc, folded, *kernels[:-1], use_reentrant=False))
+                outs.append(checkpoint(stack, xc, *kernels, use_reentrant=False))
             else:
-                outs.append(stack(xc, folded, *kernels[:-1]))
+                outs.append(stack(xc, *kernels))
         return torch.cat(outs, dim=1)
 
-    def forward(self, image, feats, path="auto"):
+    def response(self, kernels, grid):
+        """M (B, h*w, h*w), M[b, P, n] = what pooled output block P takes from E(i) at n: the pool's weights pulled
+        back through the JBU layers, block by block, each in its own window (see pull_back_axis)."""
+        (h, w), r, top = grid, self.jbu[0].radius, kernels[-1].shape[-2:]
+        if top[0] % h or top[1] % w:
+            raise ValueError(f"the last JBU layer's output {tuple(top)} does not split into the {h}x{w} pool blocks")
+        sy, sx = top[0] // h, top[1] // w
+        ys, xs, Ly, Lx = tuple(range(0, top[0], sy)), tuple(range(0, top[1], sx)), sy, sx
+        wt = kernels[-1].new_full((kernels[-1].shape[0], h, w, sy, sx), 1 / (sy * sx))  # the average pool
+        for i in reversed(range(len(kernels))):
+            k = kernels[i]
+            z = conv_transpose_windows(wt, windows(k, ys, xs, Ly, Lx), r)  # on the padded upsampled map
+            size_in = kernels[i - 1].shape[-2:] if i else grid
+            Ay, ys, Ly = pull_back_axis(size_in[0], k.shape[-2], r, ys, Ly + 2 * r)
+            Ax, xs, Lx = pull_back_axis(size_in[1], k.shape[-1], r, xs, Lx + 2 * r)
+            wt = torch.einsum("yai,nyxab->nyxib", Ay.to(z), z)  # through the bicubic upsampling and padding
+            wt = torch.einsum("nyxib,xbj->nyxij", wt, Ax.to(z))  # (B, h, w, Ly, Lx) on layer i's input
+        # place each block's window on E(i)'s grid (padded by p so that every window fits)
+        p = max(0, -min(ys + xs), max(ys) + Ly - h, max(xs) + Lx - w)
+        iy = torch.tensor(ys, device=wt.device)[:, None] + p + torch.arange(Ly, device=wt.device)
+        ix = torch.tensor(xs, device=wt.device)[:, None] + p + torch.arange(Lx, device=wt.device)
+        by, bx = torch.arange(h, device=wt.device), torch.arange(w, device=wt.device)
+        M = wt.new_zeros(wt.shape[0], h, w, h + 2 * p, w + 2 * p)
+        M[:, by[:, None, None, None], bx[None, :, None, None], iy[:, None, :, None], ix[None, :, None, :]] = wt
+        return M[..., p:p + h, p:p + w].reshape(-1, h * w, h * w)
+
+    def forward(self, image, feats, path="basis"):
         """image (B, 3, S, S) = I; feats (B, C, h, w) = E(i). Returns pool(x_en) (B, C, h, w).
 
-        path "direct" runs the C feature channels through J. path "basis" uses that J and the pooling are linear
-        in E(i) once the guidance is fixed, with the same weights for every channel: pool(J(E))[c] = M E[c] with
-        M (h*w x h*w) the response to the h*w one-hot inputs. Exact, and cheaper when h*w < C (576 < 1024 for
-        CLIP-L). "auto" picks the cheaper."""
+        path "basis" (default): pool(J(E))[c] = M E[c], M from response(), then one einsum over the channels.
+        path "direct": the C channels through J at full size (what FeatUp does; tens of G multiply-adds at 672,
+        kept as the plain reading and the check of "basis")."""
         B, C, h, w = feats.shape
         kernels = self.kernels(image, (h, w))
-        if path == "auto":
-            path = "basis" if h * w < C else "direct"
         if path == "direct":
             return self.propagate(feats, kernels)
         if path != "basis":
-            raise ValueError(f"unknown enricher path {path!r}: 'direct', 'basis' or 'auto'")
-        N = h * w
-        eye = torch.eye(N, dtype=feats.dtype, device=feats.device).view(1, N, h, w).expand(B, N, h, w)
-        M = self.propagate(eye, kernels).flatten(2)  # (B, N_in, N_out): M[b, n, p] = response at p to one-hot n
-        return torch.einsum("bcn,bnp->bcp", feats.flatten(2), M).view(B, C, h, w)
+            raise ValueError(f"unknown enricher path {path!r}: 'basis' or 'direct'")
+        M = self.response(kernels, (h, w))  # (B, P, n)
+        return torch.einsum("bcn,bpn->bcp", feats.flatten(2), M).view(B, C, h, w)
 
 
 # ----------------------------------------------------------------------------- S2's crops
@@ -513,17 +550,25 @@ class HIRE(nn.Module):
 
     # Training recipe as data (paper Sec. 3: "exactly following the same hyperparameters as LLaVA-1.5"); train.py
     # reads it. "train": part -> peak lr. No "template": the config's instruction template.
+    # So the paper stages' schedule is LLaVA-1.5's (haotian-liu/LLaVA scripts/v1_5/pretrain.sh, finetune_lora.sh):
+    # warmup_ratio 0.03, cosine to 0, weight decay 0, global batch 256 then 128. No gradient clipping: the
+    # scripts leave the HF Trainer's max_grad_norm at 1.0, but under DeepSpeed the Trainer does not clip, it only
+    # fills a DeepSpeed "gradient_clipping": "auto", and their configs (scripts/zero2.json, zero3.json) have no
+    # such key, so DeepSpeed's default, 0 (off), applies.
+    LLAVA_SCHEDULE = {"warmup_ratio": 0.03, "min_lr_ratio": 0.0, "grad_clip": 0.0}
     STAGES = {
         # tiny presets only, never part of a paper recipe: everything but the ViT trains together, on QA in every
-        # instruction template and captions (data.MIX). The tiny LM is no longer built this way but from text
+        # instruction template and captions (data.MIX), with its own schedule (20 of 5000 steps of warmup, cosine to
+        # 10% of the peak, gradient clipping at 1). The tiny LM was once built this way; it is now built from text
         # alone, as the papers' LMs are (bench/tiny_base.py)
-        "base": {"template": "mix", "train": {"llm": 1e-3, "projector": 1e-3, "enricher": 1e-3}},
+        "base": {"template": "mix", "train": {"llm": 1e-3, "projector": 1e-3, "enricher": 1e-3},
+                 "warmup_ratio": 0.004, "min_lr_ratio": 0.1, "grad_clip": 1.0},
         # stage 1: projector + enricher, lr 1e-3 (LLaVA-1.5 pretraining), ViT and LLM frozen
-        "pretrain": {"template": "plain", "train": {"projector": 1e-3, "enricher": 1e-3}},
+        "pretrain": {"template": "plain", "train": {"projector": 1e-3, "enricher": 1e-3}, **LLAVA_SCHEDULE},
         # stage 2: the same modules plus LoRA on the LLM's linears. LLaVA-1.5's LoRA script: r 128, alpha 256,
         # dropout 0.05, lr 2e-4, mm_projector_lr 2e-5 (HIRE Table 4's best enricher lr is also 2e-5)
         "finetune": {"train": {"projector": 2e-5, "enricher": 2e-5, "lora": 2e-4},
-                     "lora": {"rank": 128, "alpha": 256.0, "dropout": 0.05}},
+                     "lora": {"rank": 128, "alpha": 256.0, "dropout": 0.05}, **LLAVA_SCHEDULE},
     }
     LORA = "lora"  # the adapter's name inside the LLM
 
@@ -710,8 +755,8 @@ class HIRE(nn.Module):
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:  # the class first: --init checks it (train.py)
+            json.dump({"architecture": "HIRE", **dataclasses.asdict(self.config)}, f, indent=2)
         save_file({k: t.detach().contiguous().cpu() for k, t in _unique_state(self).items()},
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         shutil.rmtree(path, ignore_errors=True)

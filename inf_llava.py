@@ -140,6 +140,12 @@ class INFLLaVAConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "INFLLaVAConfig":
+        d = dict(d)
+        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(INFLLaVAConfig)})
+        if arch not in (None, "INFLLaVA") or unknown:
+            raise ValueError(f"not an INFLLaVA checkpoint: its config.json is a {arch or 'another model'}'s"
+                             + (f", with fields INFLLaVA does not have: {unknown}" if unknown else ""))
         return INFLLaVAConfig(**{**d, "vit": ViTConfig(**d["vit"]), "llm": LLMConfig(**d["llm"])})
 
 
@@ -304,17 +310,19 @@ def default_dtype(dtype):
 
 class INFLLaVA(nn.Module):
     # Sec. 5.2. Stage 1 aligns: ViT and LLM frozen. Stage 2 (SFT) also trains the whole LLM; the ViT never.
-    # Sec. 5.2 gives the learning rates, the cosine schedule, the batch sizes and stage 1's one epoch; the
-    # warmup ratio 0.03, weight decay 0, stage 2's one epoch and the templates come from the release's scripts
-    # (INF-LLava_pretrain.sh, INF-LLava_finetune.sh), as does the image preparation: pretraining without
-    # --image_aspect_ratio pad (CLIP's processor: centre crop), fine-tuning with it (config.pad_square).
+    # Rates, cosine schedule and global batches 256 / 128 are Sec. 5.2's, as is stage 1's one epoch. The rest is
+    # the release's scripts (WeihuangLin/INF-LLaVA INF-LLava_pretrain.sh, INF-LLava_finetune.sh): warmup_ratio
+    # 0.03, the HF Trainer's cosine to 0, weight decay 0 (train.py's default), stage 2's one epoch, the templates,
+    # and the image preparation: pretraining without --image_aspect_ratio pad (CLIP's processor: centre crop),
+    # fine-tuning with it (config.pad_square). No gradient clipping: like LLaVA-1.5's
+    # scripts they run DeepSpeed with LLaVA's scripts/zero2.json / zero3.json, which have no "gradient_clipping"
+    # key, so the Trainer's max_grad_norm never applies and DeepSpeed's default, 0 (off), does.
+    RELEASE_SCHEDULE = {"warmup_ratio": 0.03, "min_lr_ratio": 0.0, "grad_clip": 0.0}
     STAGES = {
-        "pretrain": {"template": "plain", "train": {"dem": 1e-3, "projector": 1e-3}, "schedule": "cosine",
-                     "warmup_ratio": 0.03, "global_batch": 256, "epochs": 1, "weight_decay": 0.0,
+        "pretrain": {"template": "plain", "train": {"dem": 1e-3, "projector": 1e-3}, **RELEASE_SCHEDULE,
                      "pad_square": False, "center_crop": True},
         "finetune": {"train": {"dem": 2e-5, "projector": 2e-5, "llm": 2e-5},  # template: config.template
-                     "schedule": "cosine", "warmup_ratio": 0.03, "global_batch": 128, "epochs": 1,
-                     "weight_decay": 0.0},
+                     **RELEASE_SCHEDULE},
     }
 
     def __init__(self, config: INFLLaVAConfig, vit: ViT | None = None, llm: LLM | None = None):
@@ -453,8 +461,8 @@ class INFLLaVA(nn.Module):
         """config.json + model.safetensors, each written to a temporary name and renamed."""
         os.makedirs(dir, exist_ok=True)
         path = os.path.join(dir, "config.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        with open(path + ".tmp", "w") as f:  # the class first: --init checks it (train.py)
+            json.dump({"architecture": "INFLLaVA", **dataclasses.asdict(self.config)}, f, indent=2)
         os.replace(path + ".tmp", path)
         path = os.path.join(dir, "model.safetensors")
         save_model(self, path + ".tmp")

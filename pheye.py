@@ -83,6 +83,12 @@ class PheyeConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PheyeConfig":
+        d = dict(d)
+        arch = d.pop("architecture", None)  # the model class (checkpoints written before it was recorded: None)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(PheyeConfig)})
+        if arch not in (None, "Pheye") or unknown:
+            raise ValueError(f"not a Pheye checkpoint: its config.json is a {arch or 'another model'}'s"
+                             + (f", with fields Pheye does not have: {unknown}" if unknown else ""))
         return PheyeConfig(**{**d, "vit": ViTConfig(**d["vit"]), "llm": LLMConfig(**d["llm"])})
 
 
@@ -197,14 +203,17 @@ class Pheye(nn.Module):
     # Sec. 3.1: three stages train the same parameters (cross-attention, LoRA, positional embeddings, the two
     # LayerNorms) on different data, cosine decay, effective batch 128. Loss: summed over output tokens, and
     # train.py divides the gradients by the number of output tokens of the whole effective batch (all
-    # micro-steps, all ranks), so short and long answers weigh the same.
+    # micro-steps, all ranks), so short and long answers weigh the same. Sec. 3.1 states no warmup, floor or
+    # gradient clipping, and the release (miguelscarv/pheye) has no training code: none of them here (cosine
+    # from the first step down to 0), nothing the paper does not say.
+    SCHEDULE = dict(warmup_ratio=0.0, min_lr_ratio=0.0, grad_clip=0.0)
     STAGES = {
-        "stage1": dict(lr=2e-4, template="pheye", task="caption", reduction="sum", batch_size=128,
-                       schedule="cosine", data="captions: ShareGPT4V-PT, one of ten caption instructions per image"),
-        "stage2": dict(lr=1e-4, template="pheye", reduction="sum", batch_size=128, schedule="cosine",
-                       data="instructions: MIMIC-IT, LRV, SViT, LVIS, one turn per sample"),
-        "stage3": dict(lr=5e-5, template="pheye", reduction="sum", batch_size=128, schedule="cosine",
-                       data="academic VQA and captioning mix based on LLaVA-1.5 mix-665K (App. A)"),
+        # captions: ShareGPT4V-PT, one of ten caption instructions per image
+        "stage1": dict(lr=2e-4, template="pheye", task="caption", **SCHEDULE),
+        # instructions: MIMIC-IT, LRV, SViT, LVIS, one turn per sample
+        "stage2": dict(lr=1e-4, template="pheye", **SCHEDULE),
+        # academic VQA and captioning mix based on LLaVA-1.5 mix-665K (App. A)
+        "stage3": dict(lr=5e-5, template="pheye", **SCHEDULE),
     }
 
     def __init__(self, config: PheyeConfig, vit: ViT | None = None, llm: LLM | None = None):
@@ -358,8 +367,8 @@ class Pheye(nn.Module):
         """config.json + model.safetensors (the whole model), each written to a temporary name and renamed."""
         os.makedirs(dir, exist_ok=True)
         tmp = os.path.join(dir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        with open(tmp, "w") as f:  # the class first: --init checks it (train.py)
+            json.dump({"architecture": "Pheye", **dataclasses.asdict(self.config)}, f, indent=2)
         os.replace(tmp, os.path.join(dir, "config.json"))
         tmp = os.path.join(dir, "model.safetensors.tmp")
         save_model(self, tmp)  # stores a tied LM head once

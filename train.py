@@ -10,13 +10,15 @@ One training loop for every nanoHiRes model, from a laptop CPU to many GPUs.
 
 Every field of TrainConfig below, and every field of the model's config, can be set as --key=value
 (nested model fields with a dot: --llm.n_layer=2). Unknown keys and ill-typed values are errors.
-The model file says what each stage trains and at which learning rate (its STAGES / configure_stage);
-this file never branches on the model beyond picking it.
+The model file says what each stage trains, at which learning rate and on which schedule (its STAGES /
+configure_stage); this file never branches on the model beyond picking it. `python train.py` reports a bad
+option, data file or checkpoint in one line and exits with 2; a traceback means a bug.
 """
 import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -59,7 +61,9 @@ class TrainConfig:
     n_train: int = 4000           # synthetic set sizes
     others: float = 0.0           # synthetic set: chance that each non-target cell holds an item too (0: one item
                                   # per image, the miniature's task; data.OTHERS = 0.8: the full 3x3 scenes)
-    n_val: int = 256              # the last evaluation answers all of them (issue 14: >= 200 for a number)
+    n_val: int = 256              # validation samples (--data: at most this many); 0: no validation. The last
+                                  # evaluation answers all of them (issue 14: >= 200 for a number)
+    val_fraction: float = 0.02    # --data: the share of records held out for validation (1 in 50)
     skip_bad: bool = False        # skip unreadable samples (counted) instead of stopping
     out_dir: str = ""             # default: out/<model>
     overwrite: bool = False       # allow replacing a checkpoint of another run in out_dir
@@ -69,11 +73,11 @@ class TrainConfig:
     grad_accum: int = 0           # micro-steps per optimizer step, over all processes; 0: one per process
     lr_scale: float = 0.0         # multiplies every learning rate of the stage recipe; 0: TINY_LR_SCALE for the
                                   # tiny presets, 1 (the papers' rates) for every other
-    warmup_iters: int = 20
+    warmup_iters: int | None = None   # None: the stage recipe's warmup_ratio x max_iters
     lr_decay_iters: int = 0       # cosine length; default max_iters (set it to train on past a stop)
-    min_lr_ratio: float = 0.1     # cosine decay to this fraction of the peak
-    weight_decay: float = 0.0     # LLaVA and Pheye use 0; applied to matrices only
-    grad_clip: float = 1.0
+    min_lr_ratio: float | None = None  # cosine decay to this fraction of the peak; None: the stage recipe's
+    weight_decay: float = 0.0     # 0 in LLaVA-1.5's and INF-LLaVA's scripts (Pheye states none); matrices only
+    grad_clip: float | None = None     # max gradient norm, 0: none; None: the stage recipe's
     max_len: int = 256            # token budget per sample (images count as one position here)
     seed: int = 1337
     device: str = "auto"          # auto | cpu | cuda
@@ -109,12 +113,15 @@ def parse_value(text, like, key):
 def set_field(obj, key, text):
     """Set a (possibly dotted) dataclass field from its command-line text, checked against the field type."""
     head, _, rest = key.partition(".")
-    names = {f.name for f in dataclasses.fields(obj)}
-    if head not in names:
-        raise ValueError(f"unknown option --{key} (known: {', '.join(sorted(names))})")
+    types = {f.name: f.type for f in dataclasses.fields(obj)}
+    if head not in types:
+        raise ValueError(f"unknown option --{key} (known: {', '.join(sorted(types))})")
     if rest:
         return set_field(getattr(obj, head), rest, text)
-    setattr(obj, head, parse_value(text, getattr(obj, head), key))
+    like = getattr(obj, head)
+    if like is None and types[head] in (int | None, float | None):  # an optional number parses as one
+        like = types[head].__args__[0]()
+    setattr(obj, head, parse_value(text, like, key))
 
 
 def get_field(obj, key):
@@ -151,9 +158,30 @@ def parse_args(argv):
             overrides[key] = value
     if cfg.model not in MODELS:
         raise ValueError(f"--model={cfg.model!r} is not one of {', '.join(MODELS)}")
-    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
     cfg.lr_scale = cfg.lr_scale or (TINY_LR_SCALE if cfg.preset == "tiny" else 1.0)
+    check_options(cfg)
+    cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
     return cfg, overrides
+
+
+def check_options(cfg):
+    """Values that cannot make a sensible run are errors before anything is built, not a run that exits 0."""
+    for key in ("max_iters", "batch_size", "n_train", "max_len"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key}={getattr(cfg, key)}: must be at least 1")
+    for key in ("grad_accum", "n_val", "num_workers", "eval_interval", "eval_answers", "lr_decay_iters",
+                "warmup_iters", "weight_decay", "grad_clip"):
+        value = getattr(cfg, key)
+        if value is not None and not value >= 0:  # also NaN
+            raise ValueError(f"--{key}={value}: must be 0 or more")
+    if not (cfg.lr_scale > 0 and math.isfinite(cfg.lr_scale)):
+        raise ValueError(f"--lr_scale={cfg.lr_scale}: must be a positive number (it multiplies the recipe's rates)")
+    if cfg.min_lr_ratio is not None and not 0 <= cfg.min_lr_ratio <= 1:
+        raise ValueError(f"--min_lr_ratio={cfg.min_lr_ratio}: must be in [0, 1] (a fraction of the peak rate)")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"--val_fraction={cfg.val_fraction}: must be in (0, 1); --n_val=0 trains without validation")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device={cfg.device!r}: one of auto, cpu, cuda")
 
 
 def build_model_config(cfg, overrides):
@@ -162,7 +190,12 @@ def build_model_config(cfg, overrides):
     config = getattr(module, cls_name + "Config").preset(cfg.preset)
     for key, value in variant.items():
         setattr(config, key, value)
+    model_keys = {f.name for f in dataclasses.fields(config)}
     for key, value in overrides.items():
+        if key.partition(".")[0] not in model_keys:
+            raise ValueError(f"unknown option --{key}: train.py's options are "
+                             f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}; "
+                             f"{cls_name}Config's are {', '.join(sorted(model_keys))}")
         set_field(config, key, value)
     return module, getattr(module, cls_name), config
 
@@ -198,7 +231,7 @@ def save_checkpoint(cfg, raw_model, weights, tok_dir, state):
     else:  # gathered from FSDP shards: the same files Model.save writes
         os.makedirs(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(raw_model.config), f, indent=2)
+            json.dump({"architecture": MODELS[cfg.model][1], **dataclasses.asdict(raw_model.config)}, f, indent=2)
         save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
     for name in os.listdir(tok_dir):
         if name.startswith(("tokenizer", "special_tokens", "vocab.json", "merges.txt", "generation_config")):
@@ -207,6 +240,8 @@ def save_checkpoint(cfg, raw_model, weights, tok_dir, state):
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     link = os.path.join(cfg.out_dir, "ckpt")
+    if os.path.lexists(link + ".tmp"):  # left by a kill between the next two lines
+        os.remove(link + ".tmp")
     os.symlink(os.path.basename(final), link + ".tmp")
     os.replace(link + ".tmp", link)  # the atomic step
     for name in os.listdir(cfg.out_dir):  # older checkpoints
@@ -218,7 +253,138 @@ def read_train_state(ckpt_dir):
     path = os.path.join(ckpt_dir, "train_state.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable training state ({e}); truncated by a copy?") from None
+
+
+def clear_temporaries(out_dir):
+    """A kill during save_checkpoint leaves ckpt.tmp (a link) or ckpt-NNNNNN.tmp (a directory): never a checkpoint."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name == "ckpt.tmp":
+            os.remove(path)
+        elif name.startswith("ckpt-") and name.endswith(".tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_LOCKS = {}  # out_dir -> the open lock file of this process's run there
+
+
+def lock_out_dir(out_dir):
+    """One run per out_dir: an exclusive flock on OUT_DIR/lock, which holds the owner's pid. The kernel drops the
+    lock when its process ends, however it ends (kill -9 included), so a lock is never stale."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: one run per out_dir is then up to you
+        return
+    path = os.path.join(out_dir, "lock")
+    old = _LOCKS.pop(os.path.realpath(out_dir), None)
+    if old:  # an earlier run of this process ended in an error before unlocking
+        old.close()
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise FileExistsError(f"{out_dir} is in use by another run (pid {pid}); wait for it to end, stop it, or "
+                              f"pass another --out_dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _LOCKS[os.path.realpath(out_dir)] = f
+
+
+def unlock_out_dir(out_dir):
+    f = _LOCKS.pop(os.path.realpath(out_dir), None)
+    if f:
+        f.close()
+
+
+def check_model(cfg, path):
+    """A checkpoint holds one model: its config.json names the class and the config the variant. --model must
+    name that model; training HIRE's code on a LLaVA checkpoint is an error, not a run logged as "hire"."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} is not a checkpoint directory: {file} does not exist")
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    arch = saved.get("architecture")
+    found = next((name for name, (_, cls, variant) in MODELS.items()
+                  if cls == arch and all(saved.get(k) == v for k, v in variant.items())), arch)
+    _, cls_name, variant = MODELS[cfg.model]
+    if (arch and arch != cls_name) or any(saved.get(k, v) != v for k, v in variant.items()):
+        raise ValueError(f"{path} holds a --model={found} checkpoint, not --model={cfg.model}")
+
+
+def open_log(cfg, start):
+    """OUT_DIR/log.jsonl, one JSON row per step and per evaluation. On --resume the rows after the checkpoint's
+    step (written by a run killed before its next checkpoint, and about to be redone) are dropped first."""
+    path = os.path.join(cfg.out_dir, "log.jsonl")
+    if not cfg.resume:
+        return open(path, "w")
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["iter"] <= start:
+                        rows.append(line)
+                except (ValueError, KeyError, TypeError):  # a row cut short by the kill
+                    pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def check_resume(cfg, state, world, master):
+    """--resume continues the checkpoint's run: the same seed and stage, and the same global batch, since the data
+    position and the schedule count steps of batch_size x grad_accum samples. How that batch is split into
+    micro-steps and processes may change: the data order stays exact; on another number of processes the
+    per-rank random streams (dropout) are re-derived from (seed, step, rank), so the run is no longer bit-identical
+    to an uninterrupted one."""
+    old = state["train_config"]
+    for key in ("seed", "stage"):
+        if old[key] != getattr(cfg, key):
+            raise ValueError(f"--resume: --{key}={getattr(cfg, key)} differs from the checkpoint's {old[key]!r}: "
+                             f"resume with the same --{key}, or start a new run (--init=.../ckpt for the weights)")
+    before, now = old["batch_size"] * old["grad_accum"], cfg.batch_size * cfg.grad_accum
+    if before != now:
+        raise ValueError(f"--resume: the checkpoint's global batch is {before} ({old['batch_size']} x "
+                         f"{old['grad_accum']} micro-steps), this run's {now} ({cfg.batch_size} x {cfg.grad_accum}): "
+                         f"its data position and schedule count steps of {before} samples. Keep --batch_size x "
+                         f"--grad_accum = {before} (--grad_accum defaults to the number of processes)")
+    if master and (old["batch_size"], state["world"]) != (cfg.batch_size, world):
+        print(f"resuming with {cfg.batch_size} x {cfg.grad_accum} micro-steps on {world} process(es) (the checkpoint: "
+              f"{old['batch_size']} x {old['grad_accum']} on {state['world']}): the same global batch and data order"
+              + ("; dropout's random streams are re-seeded per rank, so not bit-identical to an uninterrupted run"
+                 if state["world"] != world else ""))
+
+
+def named_weights(load, *dirs):
+    """load(); a safetensors file it cannot parse (truncated by a copy or download, or not safetensors at all) is
+    an error that names the file."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return load()
+    except SafetensorError as e:
+        for d in dirs:
+            names = sorted(os.listdir(d)) if d and os.path.isdir(d) else []
+            for path in (os.path.join(d, n) for n in names if n.endswith(".safetensors")):
+                try:
+                    with safe_open(path, "pt"):
+                        pass
+                except SafetensorError:
+                    raise ValueError(f"{path}: not a readable safetensors file ({e}); truncated by an interrupted "
+                                     f"copy or download?") from None
+        raise
 
 
 def check_out_dir(cfg):
@@ -235,8 +401,25 @@ def check_out_dir(cfg):
 
 
 # ----------------------------------------------------------------------------- the schedule
+RECIPE_KEYS = ("train", "lr", "lora", "template", "task", "warmup_ratio", "min_lr_ratio", "grad_clip",
+               "pad_square", "center_crop")  # what is read
+SCHEDULE_KEYS = ("warmup_ratio", "min_lr_ratio", "grad_clip")  # of a STAGES entry: read here, each with its option
+
+
+def resolve_schedule(cfg, recipe):
+    """Warmup steps, cosine floor and gradient clipping: the options where given, else the stage recipe's (the
+    model file cites where each comes from). Warmup is ceil(warmup_ratio x max_iters), as the HF Trainer counts."""
+    if cfg.warmup_iters is None:
+        cfg.warmup_iters = math.ceil(recipe["warmup_ratio"] * cfg.max_iters - 1e-9)
+    if cfg.min_lr_ratio is None:
+        cfg.min_lr_ratio = recipe["min_lr_ratio"]
+    if cfg.grad_clip is None:
+        cfg.grad_clip = recipe["grad_clip"]
+
+
 def lr_multiplier(step, cfg):
-    """Linear warmup, then cosine decay to min_lr_ratio at lr_decay_iters."""
+    """Linear warmup, then cosine decay to min_lr_ratio at lr_decay_iters. The HF Trainer's warmup starts at 0
+    (step / warmup); this one at 1 / warmup, so that no step is spent at a zero learning rate."""
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
     progress = (step - cfg.warmup_iters) / max(1, (cfg.lr_decay_iters or cfg.max_iters) - cfg.warmup_iters)
@@ -259,6 +442,13 @@ def make_optimizer(groups, cfg, device):
 
 
 # ----------------------------------------------------------------------------- data order
+def ignore_stop_signals(worker_id):
+    """DataLoader workers share the training process's group, so Ctrl-C and `timeout`/SLURM's SIGTERM reach them
+    too. A worker killed by one takes the run down before it can save; the training process alone decides."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StepSampler(torch.utils.data.Sampler):
     """This rank's sample indices, optimizer step after optimizer step, from `start_step` on.
 
@@ -276,12 +466,17 @@ class StepSampler(torch.utils.data.Sampler):
             self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         return self._order
 
+    def step_indices(self, step):
+        """This rank's sample indices of one optimizer step."""
+        per_rank, out = self.G // self.world, []
+        for j in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+            epoch, i = divmod(step * self.G + j, self.n)
+            out.append(self._perm(epoch)[i])
+        return out
+
     def __iter__(self):
-        per_rank = self.G // self.world
         for step in range(self.start, self.stop):
-            for j in range(self.rank * per_rank, (self.rank + 1) * per_rank):
-                epoch, i = divmod(step * self.G + j, self.n)
-                yield self._perm(epoch)[i]
+            yield from self.step_indices(step)
 
     def __len__(self):
         return (self.stop - self.start) * self.G // self.world
@@ -463,6 +658,8 @@ def main(argv=None, distributed=True, last=True):
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        lock_out_dir(cfg.out_dir)  # before anything in it is read or cleared
+        clear_temporaries(cfg.out_dir)
         check_out_dir(cfg)
     if cfg.preset == "tiny" and not (mcfg.vit_path or mcfg.llm_path or cfg.from_scratch):
         mcfg.vit_path, mcfg.llm_path = tiny_base()
@@ -474,17 +671,23 @@ def main(argv=None, distributed=True, last=True):
     tok = Tokenizer.from_pretrained(tok_dir)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.resume or cfg.init:
-        model = Model.load(ckpt_dir if cfg.resume else cfg.init)
+        check_model(cfg, ckpt_dir if cfg.resume else cfg.init)
+        model = named_weights(lambda: Model.load(ckpt_dir if cfg.resume else cfg.init), ckpt_dir if cfg.resume
+                              else cfg.init)
         for key in overrides:  # a checkpoint's architecture is its own: say so rather than ignore the option
             if get_field(model.config, key) != get_field(mcfg, key):
                 raise ValueError(f"--{key}={overrides[key]} differs from the checkpoint's {key}="
                                  f"{get_field(model.config, key)!r} ({ckpt_dir if cfg.resume else cfg.init})")
     elif mcfg.vit_path or mcfg.llm_path:
-        model = Model.from_pretrained(mcfg)
+        model = named_weights(lambda: Model.from_pretrained(mcfg), mcfg.vit_path, mcfg.llm_path)
     else:
         model = Model(mcfg)
     groups = model.configure_stage(cfg.stage)
     recipe = Model.STAGES[cfg.stage]
+    if "template" in overrides and "template" in recipe and recipe["template"] != mcfg.template:
+        raise ValueError(f"--template={mcfg.template}: stage {cfg.stage} of --model={cfg.model} trains with its own "
+                         f"template, {recipe['template']!r} ({MODELS[cfg.model][0]}.py STAGES)")
+    resolve_schedule(cfg, recipe)
     model.to(device)
     raw_model = model
     if cfg.act_ckpt:
@@ -505,6 +708,7 @@ def main(argv=None, distributed=True, last=True):
     optimizer = make_optimizer(groups, cfg, device)
     state = read_train_state(ckpt_dir) if cfg.resume else None
     if state:
+        check_resume(cfg, state, world, master)
         set_optimizer_state(raw_model, optimizer, state["optimizer"], cfg.fsdp)
         scaler.load_state_dict(state["scaler"])
     if cfg.compile:
@@ -518,32 +722,37 @@ def main(argv=None, distributed=True, last=True):
                                               split=split, n=n, seed=cfg.seed, image_dir=cfg.image_dir,
                                               skip_bad=cfg.skip_bad, task=recipe.get("task"),
                                               center_crop=recipe.get("center_crop", False),  # a stage's image fit
-                                              others=cfg.others)
-    train_set, val_set = make("train", cfg.n_train), make("val", cfg.n_val)
+                                              val_fraction=cfg.val_fraction, others=cfg.others)
+    # --n_val=0: no validation, and a data file trains on all its records
+    train_set = make("train" if cfg.n_val or cfg.data == "synthetic" else None, cfg.n_train)
+    val_set = make("val", cfg.n_val) if cfg.n_val else None
     if cfg.batch_size * cfg.grad_accum > len(train_set):
         raise ValueError(f"a global batch of {cfg.batch_size * cfg.grad_accum} samples is larger than the "
                          f"{len(train_set)} samples of --data={cfg.data}")
     start = state["step"] if state else 0
     sampler = StepSampler(len(train_set), cfg.batch_size, cfg.grad_accum, rank, world, cfg.seed, start, cfg.max_iters)
-    loader = lambda ds, **kw: torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                                          collate_fn=ds.collate, **kw)
-    batches = iter(loader(train_set, sampler=sampler))
-    val_loader = loader(val_set, sampler=list(range(rank, len(val_set), world)))
+    # Workers ignore SIGINT/SIGTERM (the training process decides when to stop), and their seeds come from a
+    # generator of their own: creating a loader never draws from the training RNG streams (exact resume).
+    loader = lambda ds, **kw: torch.utils.data.DataLoader(
+        ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=ds.collate,
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed), **kw)
+    val_loader = loader(val_set, sampler=list(range(rank, len(val_set), world))) if val_set is not None else []
     eos_id = data.end_of_turn(tok, template)
 
     def qa_loader(n):  # the first n validation questions; captions are not scored
-        questions = val_set.qa_set(n if template != "plain" else 0)
+        questions = val_set.qa_set(n) if val_set is not None and template != "plain" and n else []
         return loader(questions, sampler=list(range(rank, len(questions), world))) if len(questions) else []
-    qa, final_qa = qa_loader(cfg.eval_answers), qa_loader(len(val_set))
+    qa, final_qa = qa_loader(cfg.eval_answers), qa_loader(len(val_set) if val_set is not None else 0)
 
     # --- RNG: per-rank streams (dropout), restored exactly on resume
-    if state:
+    if state and state["world"] == world:
         rng = state["rng"][rank]
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-    else:
-        random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
+    else:  # a fresh run, or a resume on another number of processes: streams derived from (seed, step, rank)
+        seed = cfg.seed + rank + (1_000_003 * start if state else 0)
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
     def checkpoint(step):
         rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
@@ -558,7 +767,8 @@ def main(argv=None, distributed=True, last=True):
         if world > 1:
             dist.barrier()
 
-    # --- Ctrl-C / preemption: finish the step, save, exit cleanly
+    # --- Ctrl-C / preemption: finish the step, save, exit cleanly. Installed before the first DataLoader worker
+    # is forked (iter() below): a worker inherits this harmless handler until ignore_stop_signals replaces it.
     stop = {"signal": None}
     handlers = {sig: signal.signal(sig, lambda s, _: stop.update(signal=signal.Signals(s).name))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -569,20 +779,37 @@ def main(argv=None, distributed=True, last=True):
               f"in {', '.join(sorted({g['name'] for g in optimizer.param_groups}))}")
         print(f"device {device}, {world} process(es), precision: {why}; global batch "
               f"{cfg.batch_size * cfg.grad_accum} = {cfg.batch_size} x {accum} micro-steps x {world}")
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a" if cfg.resume else "w") if master else None
-    step, step_loss, shown = start, float("nan"), []
+        print(f"schedule: {cfg.warmup_iters} warmup steps, cosine to {cfg.min_lr_ratio:g} x peak at step "
+              f"{cfg.lr_decay_iters or cfg.max_iters}, gradient clipping " + (f"at {cfg.grad_clip:g}" if cfg.grad_clip
+              else "off") + f" ({MODELS[cfg.model][0]}.py STAGES[{cfg.stage!r}] unless set here)")
+    step, step_loss, shown, log = start, float("nan"), [], None
     try:
+        batches = iter(loader(train_set, sampler=sampler))
+        log = open_log(cfg, start) if master else None
         bar = tqdm(total=cfg.max_iters, initial=start, disable=not master, dynamic_ncols=True)
         t_start, t_data, t_step = time.time(), 0.0, 0.0
         while step < cfg.max_iters:
             t0 = time.time()
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_multiplier(step, cfg)
-            micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
+            try:
+                micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
+            except RuntimeError as e:  # a DataLoader worker died (killed): once stopping, save what the steps did
+                if stop["signal"] is None or world > 1:
+                    raise
+                checkpoint(step)
+                bar.write(f"stopped by {stop['signal']} at step {step} (and a data worker: {e}); checkpoint "
+                          f"saved in {ckpt_dir}; continue with --resume")
+                break
             t1 = time.time()
             # Loss = sum of token losses over the whole effective batch / its number of supervised tokens
             # (Pheye Sec. 3.1), so micro-batches and ranks of different lengths weigh by their tokens.
             n_tok = all_reduce(sum(data.count_targets(b["labels"]) for b in micro).float(), world)
+            if n_tok.item() == 0:  # 0 / 0: say which samples rather than train on NaN
+                names = [train_set.record(i).get("id", i) for i in sampler.step_indices(step)]
+                raise data.DataError(f"step {step + 1}: no supervised token in the batch: samples {names} of "
+                                     f"--data={cfg.data} have no answer token within --max_len={cfg.max_len} "
+                                     f"(empty answers, or prompts longer than max_len)")
             n_seen = all_reduce(sum(b["mask"].sum() for b in micro).float(), world)
             loss_sum = torch.zeros((), device=device)
             for m, b in enumerate(micro):
@@ -598,10 +825,12 @@ def main(argv=None, distributed=True, last=True):
                 loss_sum += loss.detach().float()
             step_loss = (all_reduce(loss_sum, world) / n_tok).item()
             if not math.isfinite(step_loss):
-                raise FloatingPointError(f"non-finite loss ({step_loss}) at step {step}: stopping; the last good "
-                                         f"checkpoint ({ckpt_dir}) is kept")
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+                kept = (f"the last good checkpoint ({os.path.realpath(ckpt_dir)}) is kept" if os.path.exists(ckpt_dir)
+                        else "no checkpoint was written before it")
+                raise FloatingPointError(f"non-finite loss ({step_loss}) at step {step + 1}: stopping; {kept}")
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -618,7 +847,7 @@ def main(argv=None, distributed=True, last=True):
             halt = torch.tensor(float(stop["signal"] is not None), device=device)  # any rank stopped: all stop
             all_reduce(halt, world, dist.ReduceOp.MAX if world > 1 else None)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or halt.item():
-                if not halt.item():
+                if not halt.item() and val_set is not None:
                     asked = final_qa if step == cfg.max_iters else qa
                     val_loss, acc, shown = evaluate(raw_model, val_loader, asked, tok, device, ctx, world, eos_id)
                     if master:
@@ -635,11 +864,13 @@ def main(argv=None, distributed=True, last=True):
                               f"saved in {ckpt_dir}; continue with --resume")
                 break
         bar.close()
-    finally:  # also on errors: the signal handlers go back, the log is closed
+    finally:  # also on errors: the signal handlers go back, the log is closed, the out_dir unlocked
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if log:
             log.close()
+        if master:
+            unlock_out_dir(cfg.out_dir)
     if master and step == cfg.max_iters:
         print(f"done: {step} steps in {time.time() - t_start:.0f}s, final loss {step_loss:.4f}, "
               f"data loading {t_data / max(t_step, 1e-9):.1%} of step time")
@@ -651,5 +882,38 @@ def main(argv=None, distributed=True, last=True):
     return step
 
 
+# ----------------------------------------------------------------------------- the command line's errors
+# Errors that our own checks raise about what the user gave (options, data, checkpoints, paths). Raised anywhere
+# else (inside torch, say) the same types are bugs, and keep their traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_error(e):
+    """The one-line message of a user error, or None for an internal error."""
+    if not isinstance(e, USER_ERRORS):
+        return None
+    if isinstance(e, data.DataError) and "Original Traceback" in str(e):  # re-raised from a DataLoader worker
+        return str(e).strip().splitlines()[-1].partition(": ")[2]
+    tb = e.__traceback__
+    while tb.tb_next:
+        tb = tb.tb_next
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return str(e) if os.path.dirname(path) == HERE else None
+
+
+def cli(argv=None):
+    """python train.py: a user error prints one line and exits with 2; anything else keeps its traceback."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,83 +1,167 @@
 """
-Speed and memory of HIRE's enricher against the ViT passes it replaces, on this CPU, one image, random weights.
+HIRE's cost against the models it is measured against, on this CPU: the paper's claim that a shallow enricher
+replaces S2's extra ViT passes at a fraction of the time (HIRE Sec. 3: TextVQA inference, S2 > 2x LLaVA-1.5, HIRE
++0.1%), at paper scale and in miniature.
 
-    python bench/bench_hire.py                 # CLIP-L width, 672 input, 2 threads
-    python bench/bench_hire.py --size=1008     # S2 then runs 1 + 4 + 9 = 14 ViT passes
+    python bench/bench_hire.py                      # paper scale at 672, then the tiny presets; 2 threads
+    python bench/bench_hire.py --size=1008          # S2 [336, 672, 1008]: 14 ViT passes
+    python bench/bench_hire.py --part=tiny --threads=1
 
-Reports: one ViT-L/336 forward (LLaVA-1.5's vision side), the enricher forward (UNet + 5 JBU layers + pool), and the
-vision side of LLaVA-1.5 / LLaVA-1.5-S2 / LLaVA-1.5-HIRE (everything before the LLM) as ratios to LLaVA-1.5, all
-in one run. Peak memory is the rise of the process's resident high-water mark over the call (Linux clear_refs).
+Paper scale (CLIP-L/336 width, one image, fp32, random weights, a tiny LM: the vision side never touches it): one
+ViT-L/336 forward, the enricher (UNet + 5 JBU layers + pool) forward and forward + backward, and the vision side
+(everything before the LLM) of LLaVA-1.5, LLaVA-1.5-S2 and LLaVA-1.5-HIRE. Tiny presets (the shipped tiny ViT and
+LM, batch 8): greedy answers to the same 200 synthetic questions (8 new tokens each, no early stop, so every model
+generates the same tokens' worth), and an alignment-stage training step (forward, backward, AdamW).
+Every variant runs once per round, the rounds interleaved (fair under shared load); medians over the rounds with
+their min-max, wall time and this process's CPU time (steadier on a shared machine: waiting for a core is not
+counted). Peak memory is the rise of the resident high-water mark over a call (Linux clear_refs); 0 where the
+call fits in memory that earlier rounds left with the process.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import hire  # noqa: E402
-from llm import LLMConfig  # noqa: E402
+import train  # noqa: E402
+from llm import LLMConfig, Tokenizer  # noqa: E402
 
 from common import peak_rss  # noqa: E402  (bench/, this script's folder)
 
 
-def measure(fn, repeats):
-    """(best wall seconds, peak resident MiB above the level before the call)."""
-    fn()  # warm-up
-    best, peak = float("inf"), 0.0
-    for _ in range(repeats):
-        with peak_rss() as mem:
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        peak = max(peak, mem["peak"])
-    return best, peak
+def rounds(fns, n, warmup=1, memory=False):
+    """{name: (wall list, cpu list, peak MiB)} over n interleaved rounds of every fn, after `warmup` rounds."""
+    out = {k: ([], [], 0.0) for k in fns}
+    for r in range(warmup + n):
+        for k, fn in fns.items():
+            with peak_rss() as mem:
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                wall, cpu = time.perf_counter() - t, time.process_time() - c
+            if r >= warmup:
+                out[k][0].append(wall)
+                out[k][1].append(cpu)
+                out[k] = (out[k][0], out[k][1], max(out[k][2], mem["peak"] if memory else 0.0))
+    return out
+
+
+def table(res, base=None, unit="s"):
+    """Median (min-max) wall and CPU per row, and the CPU ratio to row `base`."""
+    print(f"{'':46s} {'wall ' + unit:>20s} {'cpu ' + unit:>20s} {'peak MiB':>9s} {'cpu ratio':>9s}")
+    med = {k: statistics.median(v[1]) for k, v in res.items()}
+    for k, (wall, cpu, peak) in res.items():
+        spread = lambda v: f"{statistics.median(v):7.3f} ({min(v):.2f}-{max(v):.2f})"
+        ratio = f"x{med[k] / med[base]:.2f}" if base else ""
+        print(f"{k:46s} {spread(wall):>20s} {spread(cpu):>20s} {peak:9.0f} {ratio:>9s}")
+    return med
+
+
+def paper_scale(size, repeats):
+    torch.manual_seed(0)
+    tiny_lm = LLMConfig.preset("tiny")
+    scales = [s for s in (336, 672, 1008) if s <= size]
+    models = {}
+    for name in ("none", "s2", "hire"):
+        cfg = hire.HIREConfig(llm=tiny_lm, image_size=size, enricher=name, s2_scales=scales)
+        models[name] = hire.HIRE(cfg, vit=models["none"].vit if models else None).eval()
+    vit, enr = models["none"].vit, models["hire"].enricher
+    px = {s: torch.randn(1, 3, s, s) for s in (336, size)}
+    feats = torch.randn(1, 1024, 24, 24)
+
+    def fwd_bwd():
+        with torch.enable_grad():
+            enr.train()
+            enr(px[size], feats).square().sum().backward()
+            enr.eval()
+            enr.zero_grad(set_to_none=True)
+
+    vit_row, enr_row, enr_bwd = "ViT-L/336 forward (layer -2)", f"enricher forward ({size})", \
+        f"enricher forward + backward ({size})"
+    s2_row, hire_row = f"vision side LLaVA-1.5-S2 {scales}", f"vision side LLaVA-1.5-HIRE ({size})"
+    fns = {vit_row: lambda: vit(px[336], layer=-2),
+           enr_row: lambda: enr(px[size], feats),
+           enr_bwd: fwd_bwd,
+           "vision side LLaVA-1.5 (336)": lambda: models["none"].encode_images(px[336]),
+           s2_row: lambda: models["s2"].encode_images(px[size]),
+           hire_row: lambda: models["hire"].encode_images(px[size])}
+    with torch.no_grad():
+        res = rounds(fns, repeats, memory=True)
+    print(f"paper scale: one image, fp32, random weights, {torch.get_num_threads()} threads, {repeats} rounds; "
+          f"enricher {sum(p.numel() for p in enr.parameters()) / 1e6:.3f} M parameters")
+    med = table(res, base=vit_row)
+    x_en = 1024 * size * size * 4 / 2 ** 20  # the enricher's output map x_en (Eq. 2) at full size, fp32
+    print(f"HIRE / S2 {med[hire_row] / med[s2_row]:.2f}, HIRE / LLaVA-1.5 "
+          f"{med[hire_row] / med['vision side LLaVA-1.5 (336)']:.2f}, enricher / ViT {med[enr_row] / med[vit_row]:.2f}"
+          f", enricher fwd+bwd / ViT fwd {med[enr_bwd] / med[vit_row]:.2f} (cpu medians); enricher forward peak "
+          f"{res[enr_row][2]:.0f} MiB = {res[enr_row][2] / x_en:.2f}x its output map x_en (1024 x {size}^2, "
+          f"{x_en:.0f} MiB), fwd+bwd {res[enr_bwd][2]:.0f} MiB")
+
+
+def tiny(repeats, n_questions=200, batch=8, steps=10):
+    vit_dir, lm_dir = train.tiny_base()
+    tok = Tokenizer.from_pretrained(lm_dir)
+    models = {}
+    for name, label in (("none", "LLaVA-1.5"), ("s2", "LLaVA-1.5-S2"), ("hire", "LLaVA-1.5-HIRE")):
+        torch.manual_seed(0)
+        cfg = hire.HIREConfig.preset("tiny")
+        cfg.enricher, cfg.vit_path, cfg.llm_path, cfg.jbu_dropout = name, vit_dir, lm_dir, 0.0
+        px = cfg.image_size if name != "s2" else max(cfg.s2_scales)
+        models[f"{label} ({px} px)"] = hire.HIRE.from_pretrained(cfg)
+    # the same 200 questions, rendered at each model's input size once (data loading is not model time)
+    answers = {}
+    for k, m in models.items():
+        c = m.config
+        qa = data.SyntheticDataset(tok, n=n_questions, split="test", image_size=c.image_size,
+                                   template=c.template).qa_set(n_questions)
+        batches = list(torch.utils.data.DataLoader(qa, batch_size=batch, collate_fn=qa.collate))
+        answers[k] = (lambda m=m, batches=batches: [m.eval().generate(b["pixels"], b["ids"], max_new_tokens=8,
+                                                                      mask=b["mask"]) for b in batches])
+    print(f"\ntiny presets (shipped tiny ViT + LM), {torch.get_num_threads()} threads, {repeats} rounds: "
+          f"greedy answers to {n_questions} questions, batch {batch}, 8 new tokens each")
+    with torch.no_grad():
+        med = table(rounds(answers, repeats), base=list(models)[0])
+    keys = list(models)
+    print(f"HIRE / LLaVA-1.5 {med[keys[2]] / med[keys[0]]:.2f}, S2 / LLaVA-1.5 {med[keys[1]] / med[keys[0]]:.2f}")
+    # one alignment-stage ("pretrain") step: projector (+ enricher) train, ViT and LM frozen, captions
+    trainers = {}
+    for k, m in models.items():
+        c = m.config
+        ds = data.SyntheticDataset(tok, n=batch * steps, template="plain", image_size=c.image_size, task="caption")
+        bs = [ds.collate([ds[i] for i in range(j * batch, (j + 1) * batch)]) for j in range(steps)]
+        opt = torch.optim.AdamW(m.configure_stage("pretrain"))
+        m.train()
+
+        def step(m=m, bs=bs, opt=opt, it=iter(range(10 ** 9))):
+            b = bs[next(it) % len(bs)]
+            _, loss = m(b["pixels"], b["ids"], b["labels"], b["mask"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        trainers[k] = step
+    print(f"\ntiny training step (alignment stage, batch {batch}), {steps * repeats} steps each, interleaved")
+    med = table(rounds(trainers, steps * repeats, warmup=2), base=keys[0])
+    print(f"HIRE / S2 {med[keys[2]] / med[keys[1]]:.2f}, HIRE / LLaVA-1.5 {med[keys[2]] / med[keys[0]]:.2f}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=672)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--direct", action="store_true", help="also time the direct path (1024 channels through J)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (tiny training: x10 steps)")
+    ap.add_argument("--part", default="all", choices=["all", "paper", "tiny"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tiny_lm = LLMConfig.preset("tiny")  # the vision side never touches the LM; keep it small
-    scales = [s for s in (336, 672, 1008) if s <= args.size]
-    models = {}
-    for name in ("none", "s2", "hire"):
-        cfg = hire.HIREConfig(llm=tiny_lm, image_size=args.size, enricher=name, s2_scales=scales)
-        models[name] = hire.HIRE(cfg, vit=models["none"].vit if models else None).eval()
-    vit = models["none"].vit
-    px = {s: torch.randn(1, 3, s, s) for s in (336, args.size)}
-    feats = torch.randn(1, 1024, 24, 24)
-    enr = models["hire"].enricher
-    rows = {}
-    with torch.no_grad():
-        rows["ViT-L/336 forward (layer -2)"] = measure(lambda: vit(px[336], layer=-2), args.repeats)
-        rows[f"enricher forward ({args.size}, basis path)"] = measure(lambda: enr(px[args.size], feats), args.repeats)
-        if args.direct:
-            rows[f"enricher forward ({args.size}, direct path)"] = measure(
-                lambda: enr(px[args.size], feats, "direct"), 1)
-        rows["enricher kernels only (UNet + 5 JBU kernels)"] = measure(
-            lambda: enr.kernels(px[args.size], (24, 24)), args.repeats)
-        vision = {}
-        for name, label in (("none", "LLaVA-1.5 (336)"), ("s2", f"LLaVA-1.5-S2 {scales}"),
-                            ("hire", f"LLaVA-1.5-HIRE ({args.size})")):
-            m = models[name]
-            x = px[m.config.image_size]
-            vision[label] = measure(lambda: m.encode_images(x), args.repeats)
-    print(f"threads {args.threads}, one image, fp32, random weights, enricher "
-          f"{sum(p.numel() for p in enr.parameters()) / 1e6:.3f} M parameters")
-    print(f"{'':52s} {'wall s':>8s} {'peak MiB':>9s}")
-    for k, (t, mem) in rows.items():
-        print(f"{k:52s} {t:8.2f} {mem:9.0f}")
-    base = vision["LLaVA-1.5 (336)"][0]
-    print("vision side (ViT [+ enricher] + projector), ratio to LLaVA-1.5:")
-    for k, (t, mem) in vision.items():
-        print(f"{k:52s} {t:8.2f} {mem:9.0f}   x{t / base:.2f}")
+    print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    if args.part in ("all", "paper"):
+        paper_scale(args.size, args.repeats)
+    if args.part in ("all", "tiny"):
+        tiny(args.repeats)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """flops.py: the analytic formulas agree with torch's FlopCounterMode on our real modules (tiny on the CPU,
 paper-scale on the meta device), and reproduce the papers' numbers."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import flops
+from hire import HIREConfig
 from llm import LLMConfig
 from vit import ViTConfig
 
@@ -52,10 +54,26 @@ def test_inf_llava_release_variant_counted_equals_analytic():
     assert close(counted, cost.torch), (counted, cost.torch)
 
 
-@pytest.mark.parametrize("S,path", [(672, "direct"), (1008, "basis")])
-def test_hire_enricher_paper_scale_counted_equals_analytic(S, path):
-    counted, analytic = flops.enricher_case(S, path)
+@pytest.mark.parametrize("S,path,sizes", [(672, "direct", "decoder"), (1008, "basis", "decoder"),
+                                         (672, "basis", "doubling")])
+def test_hire_enricher_paper_scale_counted_equals_analytic(S, path, sizes):
+    counted, analytic = flops.enricher_case(S, path, sizes)
     assert close(counted, analytic), (counted, analytic)
+
+
+def test_hire_enricher_cost_is_tables_at_the_decoder_sizes():
+    """Table 1's HIRE rows minus its LLaVA row (minus the wider projector) imply the enricher's cost: 15.6 G at 672
+    and 36.6 G at 1008 (+-1 G: the rows are rounded to 1 G). JBU layers at the UNet decoder's sizes (S/16 ... S, the
+    default) land within that at both sizes and grow like the image area; FeatUp's doubling stack (24 -> 768 at
+    every size) misses both."""
+    rows = {r["row"].strip(): r for r in flops.hire_table1()}
+    implied = {S: rows[f"enricher alone at {S}, as fvcore sees it"]["paper"] for S in (672, 1008)}
+    ours = {S: flops.hire_enricher(S, 24, 1024).fvcore / 1e9 for S in (672, 1008)}
+    assert all(abs(ours[S] - implied[S]) < 1.0 for S in (672, 1008)), (ours, implied)
+    assert 2.1 < ours[1008] / ours[672] < 2.4  # (1008/672)^2 = 2.25; the paper's rows 2.35
+    doubling = dataclasses.replace(HIREConfig.preset("paper"), jbu_sizes="doubling")
+    theirs = {S: flops.hire_enricher(S, 24, 1024, doubling).fvcore / 1e9 for S in (672, 1008)}
+    assert all(abs(theirs[S] - implied[S]) > 2.0 for S in (672, 1008)), theirs
 
 
 def test_adaptive_convolution_cost():

@@ -124,36 +124,69 @@ def test_five_layer_stack_pools_back_to_24(sizes):
             image = torch.randn(1, 3, size, size)
             assert [g.shape[-1] for g in enr.unet(image)] == [size // 16, size // 8, size // 4, size // 2, size]
             ks = enr.kernels(image, (24, 24))
-            want = [size // 16, size // 8, size // 4, size // 2, size] if sizes == "decoder" else [48, 96, 192, 384, 768]
+            want = [size >> k for k in (4, 3, 2, 1, 0)] if sizes == "decoder" else [48, 96, 192, 384, 768]
             assert [k.shape[-1] for k in ks] == want
             out = enr(image, torch.randn(1, 2, 24, 24))
         assert out.shape == (1, 2, 24, 24)
 
 
-@pytest.mark.parametrize("sizes", ["decoder", "doubling"])
-def test_basis_and_folded_paths_equal_direct_computation(sizes):
-    """pool(J(E)) three ways: naive (every layer at full size, then pool), direct (channel chunks, pool and the last
-    upsampling folded into the last kernel), basis (h*w one-hot responses M, then E @ M). Forward and parameter
-    gradients."""
+@pytest.mark.parametrize("sizes,S,g,layers", [("decoder", 32, 2, 3), ("doubling", 32, 2, 3), ("decoder", 112, 4, 5)])
+def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers):
+    """pool(J(E)) three ways: naive (unfold/einsum JBU layers at full size, then pool), direct (fused layers, channel
+    chunks), basis (the pool pulled back through J block by block into M, then E @ M). Forward and parameter
+    gradients. The last case has CLIP-L at 672's geometry in small (grid 4, layers at 7, 14, 28, 56, 112: the first
+    two not multiples of the grid, so blocks' windows there are unevenly spaced)."""
     torch.manual_seed(0)
-    enr = hire.Enricher(small_enricher_config(jbu_sizes=sizes))
-    image, feats = torch.randn(2, 3, 32, 32), torch.randn(2, 6, 2, 2)  # 4 positions < 6 channels
+    enr = hire.Enricher(small_enricher_config(jbu_sizes=sizes, jbu_layers=layers))
+    image, feats = torch.randn(2, 3, S, S), torch.randn(2, 6, g, g)
 
     def naive():
         x = feats
-        for layer, g in zip(enr.jbu, enr.guides(image, (2, 2))):
-            x = naive_jbu(layer, x, g)
-        return F.adaptive_avg_pool2d(x, (2, 2))
+        for layer, guide in zip(enr.jbu, enr.guides(image, (g, g))):
+            x = naive_jbu(layer, x, guide)
+        return F.adaptive_avg_pool2d(x, (g, g))
 
-    w = torch.randn(2, 6, 2, 2)
+    w = torch.randn(2, 6, g, g)
     results = []
-    for fn in (naive, lambda: enr(image, feats, "direct"), lambda: enr(image, feats, "basis")):
+    for fn in (naive, lambda: enr(image, feats, "direct"), lambda: enr(image, feats)):
         out = fn()
         results.append((out, torch.autograd.grad((out * w).sum(), list(enr.parameters()))))
     for out, grads in results[1:]:
         torch.testing.assert_close(out, results[0][0], rtol=1e-4, atol=1e-5)
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_tiny_preset_sizes_agree_under_both_readings():
+    """The tiny preset's 4 JBU layers take E(i) (8 x 8) to the 128-px input: the decoder's S/8 ... S are 8 * 2^k, so
+    the paper's reading and FeatUp's doubling give the same layers, and the same output."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(hire.HIREConfig.preset("tiny"), jbu_dropout=0.0)
+    enr = hire.Enricher(cfg).eval()
+    image, feats = torch.randn(1, 3, 128, 128), torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64, 128]
+        out = enr(image, feats)
+        enr.sizes = "doubling"
+        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64, 128]
+        torch.testing.assert_close(enr(image, feats), out, rtol=1e-5, atol=1e-6)
+
+
+def test_table1_presets():
+    """A preset for every row of HIRE Table 1: the variant, the pixels it takes, and its first-token cost (flops.py)
+    next to the paper's TFLOPs."""
+    import flops
+    rows = {"llava-336": ("none", 336, 4.278), "s2-672": ("s2", 672, 5.013), "hire-672": ("hire", 672, 4.296),
+            "s2-1008": ("s2", 1008, 6.664), "hire-1008": ("hire", 1008, 4.317)}
+    for name, (enricher, size, paper) in rows.items():
+        c = hire.resolve_config(hire.HIREConfig.preset(name))
+        assert (c.enricher, c.image_size) == (enricher, size), name
+        cost = {"none": lambda: flops.llava(), "s2": lambda: flops.s2(size),
+                "hire": lambda: flops.hire(size, enricher=c)}[enricher]()
+        assert abs(cost.fvcore / 1e12 - paper) < 2e-3 * paper, name
+        if enricher == "s2":
+            assert c.s2_scales == flops.s2_scales(size, 336)
+    assert hire.HIREConfig.preset("s2-672").s2_scales == [336, 672]
 
 
 def test_enricher_parameter_count_clip_l():

@@ -266,7 +266,7 @@ def test_at_init_logits_are_the_frozen_lms():
 def test_stages_and_groups():
     model = tiny()
     assert [s["lr"] for s in Pheye.STAGES.values()] == [2e-4, 1e-4, 5e-5]
-    assert all(s["reduction"] == "sum" for s in Pheye.STAGES.values())
+    assert all((s["warmup_ratio"], s["min_lr_ratio"], s["grad_clip"]) == (0, 0, 0) for s in Pheye.STAGES.values())
     for stage, lr in zip(Pheye.STAGES, [2e-4, 1e-4, 5e-5]):
         groups = model.configure_stage(stage)
         assert [g["name"] for g in groups] == ["cross_attn", "lora", "pos_embed", "norms"]

@@ -98,36 +98,18 @@ def test_kill_while_writing_checkpoint_keeps_the_previous(tmp_path, monkeypatch)
     hire.HIRE.load(os.path.join(out, "ckpt"))  # still loads as a model
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    out = str(tmp_path / "sig")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *FAST, "--model=hire", "--stage=pretrain",
-           "--max_iters=100000", "--eval_interval=100000", f"--out_dir={out}"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = os.path.join(out, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 2):
-        time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
-    text, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, text[-2000:]
-    assert "stopped by SIGTERM" in text
-    step = train.read_train_state(os.path.join(out, "ckpt"))["step"]
-    assert step == len(losses(out)) >= 2
-
-
 def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     import hire
     out = run(tmp_path, "--model=hire", "--stage=pretrain", "--max_iters=1")
     forward, calls = hire.HIRE.forward, []
 
-    def diverges(self, *a, **k):  # the 3rd training forward (step 3) overflows
+    def diverges(self, *a, **k):  # the 3rd training forward after step 1 (so step 4, as the log counts) overflows
         logits, loss = forward(self, *a, **k)
         calls.append(1)
         return logits, loss * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(hire.HIRE, "forward", diverges)
-    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 3"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step 4: stopping; the last good checkpoint"):
         train.main(FAST + ["--model=hire", "--stage=pretrain", "--max_iters=20", "--eval_interval=100", "--resume",
                            f"--out_dir={out}"], distributed=False)
     assert train.read_train_state(os.path.join(out, "ckpt"))["step"] == 1  # the last good checkpoint stays
