@@ -510,13 +510,18 @@ class LlavaJsonDataset(_Samples):
 # (the sharpest view) and upsampled, so that averaging it away takes pixels the low-resolution views do not
 # have. tests/test_data.py measures what thresholding pixel readers still read at each resolution and
 # tests/test_train.py what the pretrained tiny ViT reads. Every question is about one item; its size is the
-# sample's "detail" (like Pheye's tertiles of relative answer area).
+# sample's "detail" (like Pheye's tertiles of relative answer area). `others` is the chance that each other cell
+# holds an item too: OTHERS = 0.8 gives the full scenes the tiny ViT and tokenizer were built from
+# (patch_example, tiny_corpus); 0 gives one item per image on the same canvas (the miniature's task, train.py's
+# default: the same sizes, fade and noise, so the same control, without the clutter that tiny models take
+# thousands of steps to see through). The draws do not depend on it: only which cells are kept.
 RENDER = 384
 CELL = RENDER // 3
 SIZES = {"large": 12, "medium": 5, "small": 3}
 FADE = 0.4     # each item's ink is mixed with up to this fraction of the background colour
 SENSOR = 192   # the sensor's resolution: its noise is drawn per pixel at the sharpest view and upsampled to RENDER
 NOISE = 32.0   # std of the sensor noise, in 0-255 levels per channel
+OTHERS = 0.8   # chance that each non-target cell holds an item (the full scenes)
 POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")
 COLOURS = {"red": (205, 30, 30), "green": (20, 135, 45), "blue": (35, 60, 210), "purple": (125, 40, 165),
@@ -556,10 +561,17 @@ def _item(rng, size):
     return item
 
 
-def make_scene(rng, detail):
+def make_scene(rng, detail, others=OTHERS):
     """A scene dict: background colour, 9 cells (an item or None), and the target cell whose item (of size
-    `detail`) the question asks about."""
-    cells = [_item(rng, rng.choice(sorted(SIZES))) if rng.random() < 0.8 else None for _ in POSITIONS]
+    `detail`) the question asks about. Each other cell holds an item with chance `others`; for others <= OTHERS
+    the draws are the full scene's, so the scene is the full one with fewer of the other items kept."""
+    if not 0 <= others <= 1:
+        raise DataError(f"synthetic others={others}: expected a chance in [0, 1]")
+    cells = []
+    for _ in POSITIONS:
+        u = rng.random()
+        item = _item(rng, rng.choice(sorted(SIZES))) if u < max(others, OTHERS) else None
+        cells.append(item if u < others else None)
     target = rng.randrange(len(POSITIONS))
     cells[target] = _item(rng, detail)
     background = tuple(rng.randint(215, 250) for _ in range(3))
@@ -617,16 +629,16 @@ def caption(scene):
     return "A 3 by 3 grid. " + " ".join(parts)
 
 
-def synthetic_record(seed, split, i, task="qa"):
-    """Sample i of a split: (LLaVA record, scene). Deterministic in (seed, split, i); splits use disjoint seed
-    streams. The detail size cycles large/medium/small so every split is balanced by size."""
+def synthetic_record(seed, split, i, task="qa", others=OTHERS):
+    """Sample i of a split: (LLaVA record, scene). Deterministic in (seed, split, i, others); splits use disjoint
+    seed streams. The detail size cycles large/medium/small so every split is balanced by size."""
     if split not in ("train", "val", "test"):
         raise DataError(f"synthetic split={split!r}: expected 'train', 'val' or 'test'")
     if task not in ("qa", "caption"):
         raise DataError(f"synthetic task={task!r}: expected 'qa' or 'caption'")
     rng = random.Random(f"nanohires-synthetic-{seed}-{split}-{i}")   # str seeds hash with sha512: stable
     detail = tuple(SIZES)[i % len(SIZES)]
-    scene = make_scene(rng, detail)
+    scene = make_scene(rng, detail, others)
     k, item = scene["target"], scene["cells"][scene["target"]]
     if task == "qa":
         question, answer = QUESTIONS[item["kind"]].format(POSITIONS[k]), item["value"]
@@ -643,15 +655,16 @@ def synthetic_record(seed, split, i, task="qa"):
 
 class SyntheticDataset(_Samples):
     """The default dataset: n samples rendered on the fly, deterministic in (seed, split, i), no downloads.
-    task "qa" (one question per image, answer needs the item's detail) or "caption" (all items)."""
+    task "qa" (one question per image, answer needs the item's detail) or "caption" (all items); others: the
+    chance that each non-target cell holds an item (OTHERS: the full scenes; 0: one item per image)."""
 
     def __init__(self, tok, n=1000, split="train", seed=0, template="vicuna_v1", image_size=64, pad_square=True,
-                 max_len=None, task="qa", center_crop=False):
+                 max_len=None, task="qa", center_crop=False, others=OTHERS):
         self._init(tok, template, image_size, pad_square, max_len, center_crop)
         if n < 1:
             raise DataError(f"synthetic dataset: empty (n={n})")
-        synthetic_record(seed, split, 0, task)   # validates split and task now, not in a worker
-        self.n, self.split, self.seed, self.task = n, split, seed, task
+        synthetic_record(seed, split, 0, task, others)   # validates split, task and others now, not in a worker
+        self.n, self.split, self.seed, self.task, self.others = n, split, seed, task, others
 
     def __len__(self):
         return self.n
@@ -660,18 +673,18 @@ class SyntheticDataset(_Samples):
         return "caption" if self.template == "mix" and self.template_of(i) == "plain" else self.task
 
     def record(self, i):
-        return synthetic_record(self.seed, self.split, i, self.task_of(i))[0]
+        return synthetic_record(self.seed, self.split, i, self.task_of(i), self.others)[0]
 
     def image(self, i):
-        return render(synthetic_record(self.seed, self.split, i, self.task_of(i))[1])
+        return render(synthetic_record(self.seed, self.split, i, self.task_of(i), self.others)[1])
 
 
-def write_synthetic(out, n, split="train", seed=0, task="qa"):
+def write_synthetic(out, n, split="train", seed=0, task="qa", others=OTHERS):
     """Write the synthetic set as a LLaVA-format folder: out/data.json + out/images/*.png (lossless)."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     records = []
     for i in range(n):
-        rec, scene = synthetic_record(seed, split, i, task)
+        rec, scene = synthetic_record(seed, split, i, task, others)
         render(scene).save(os.path.join(out, rec["image"]))
         records.append(rec)
     path = os.path.join(out, "data.json")
@@ -685,7 +698,7 @@ def write_synthetic(out, n, split="train", seed=0, task="qa"):
 # Tiny presets have no CLIP to start from. The tiny ViT is pretrained as a dense classifier instead: every patch
 # token names the item its patch shows (none, one of the 17 characters, 3 shapes, 1-5 dots), on 64-px crops of
 # scenes rendered at 64, 128 and 192 px: the views the tiny models feed their ViT (the low-resolution view, S2's
-# and Pheye's tiles, INF-LLaVA's local crops). train.pretrain_tiny_vit trains on it; tokens are where the LMs read.
+# and Pheye's tiles, INF-LLaVA's local crops). bench/tiny_base.py's pretrain_tiny_vit trains on it; tokens are where the LMs read.
 ITEM_CLASSES = ["none", *sorted(FONT), *SHAPES, *(f"{n} dots" for n in range(1, 6))]
 
 
@@ -694,15 +707,20 @@ def item_class(item):
     return ITEM_CLASSES.index(item["value"] + " dots" * (item["kind"] == "dots"))
 
 
-def patch_example(seed, split, i, view=64, patch=8, scales=(1, 1, 2, 3)):
+def patch_example(seed, split, i, view=64, patch=8, scales=(1, 1, 2, 3), others=OTHERS, target_tile=False):
     """One pretraining example: (uint8 image (view, view, 3), labels (g*g,) int64, items). The scene of synthetic
     sample i is rendered at view * s px (s drawn from `scales`) and a view-sized tile of it is kept (the tiles
     S2 and Pheye cut). Each patch is labelled with the item that covers most of it (0: none). items: (class,
-    detail size, s, patches it covers) for every item whose centre lies in the tile, for per-item scoring."""
-    _, scene = synthetic_record(seed, split, i)
+    detail size, s, patches it covers) for every item whose centre lies in the tile, for per-item scoring.
+    others: as synthetic_record (the tiny ViT was pretrained on the full scenes, OTHERS). target_tile: keep the
+    tile that holds the centre of the question's item instead of a random one (the same draws otherwise)."""
+    _, scene = synthetic_record(seed, split, i, others=others)
     rng = random.Random(f"nanohires-patches-{seed}-{split}-{i}")
     s = rng.choice(scales)
     x0, y0 = rng.randrange(s) * view, rng.randrange(s) * view
+    if target_tile:
+        bx0, by0, bx1, by1 = (v * view * s / RENDER for v in item_box(scene, scene["target"]))
+        x0, y0 = int((bx0 + bx1) / 2 // view) * view, int((by0 + by1) / 2 // view) * view
     im = render(scene).resize((view * s, view * s), Image.BICUBIC).crop((x0, y0, x0 + view, y0 + view))
     g, f = view // patch, view * s / RENDER
     labels, best, items = np.zeros(g * g, np.int64), np.zeros(g * g), []
@@ -724,12 +742,14 @@ def patch_example(seed, split, i, view=64, patch=8, scales=(1, 1, 2, 3)):
 
 
 def make_dataset(data, tok, template, image_size, pad_square, max_len=None, split="train", n=1000, seed=0,
-                 image_dir=None, skip_bad=False, task=None, val_fraction=0.02, center_crop=False):
-    """train.py's entry: "synthetic" (task: captions for the plain template, else QA) or a LLaVA JSON path."""
+                 image_dir=None, skip_bad=False, task=None, val_fraction=0.02, center_crop=False, others=OTHERS):
+    """train.py's entry: "synthetic" (task: captions for the plain template, else QA; others: as
+    SyntheticDataset) or a LLaVA JSON path."""
     if data == "synthetic":
         task = task or ("caption" if template == "plain" else "qa")
         return SyntheticDataset(tok, n=n, split=split, seed=seed, template=template, image_size=image_size,
-                                pad_square=pad_square, max_len=max_len, task=task, center_crop=center_crop)
+                                pad_square=pad_square, max_len=max_len, task=task, center_crop=center_crop,
+                                others=others)
     return LlavaJsonDataset(data, tok, template=template, image_size=image_size, pad_square=pad_square,
                             max_len=max_len, image_dir=image_dir or None, skip_bad=skip_bad, split=split,
                             n=n if split not in ("train", None) else None, val_fraction=val_fraction,
@@ -782,5 +802,6 @@ if __name__ == "__main__":
     p.add_argument("--split", default="train", choices=("train", "val", "test"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", default="qa", choices=("qa", "caption"))
+    p.add_argument("--others", type=float, default=OTHERS, help="chance that each other cell holds an item")
     a = p.parse_args()
-    print(f"wrote {a.n} samples to {write_synthetic(a.out, a.n, a.split, a.seed, a.task)}")
+    print(f"wrote {a.n} samples to {write_synthetic(a.out, a.n, a.split, a.seed, a.task, a.others)}")

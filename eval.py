@@ -57,6 +57,7 @@ class EvalConfig:
     n: int = 300                  # synthetic: questions, split and seed (bench/miniature.py's test set)
     split: str = "test"
     seed: int = 0
+    others: float = 0.0           # synthetic: chance that each non-target cell holds an item (train.py's --others)
 
 
 # ----------------------------------------------------------------------------- prompts (LLaVA-1.5 conventions)
@@ -591,10 +592,10 @@ def answer_all(model, tok, dataset, ids, eos_id, path, batch_size=8, max_new_tok
 class SyntheticPrompts:
     """The synthetic set's questions (data.QASet) with the Prompts interface: prompt(i), question ids, records."""
 
-    def __init__(self, net, tok, template, n, split="test", seed=0):
+    def __init__(self, net, tok, template, n, split="test", seed=0, others=0.0):
         c = net.config
         self.qa = data.SyntheticDataset(tok, n=n, split=split, seed=seed, template=template,
-                                        image_size=c.image_size, pad_square=c.pad_square).qa_set(n)
+                                        image_size=c.image_size, pad_square=c.pad_square, others=others).qa_set(n)
         self.records = [self.qa.base.record(i) for i in self.qa.index]
 
     def __len__(self):
@@ -623,10 +624,10 @@ def score_synthetic(said, records):
 
 
 @torch.no_grad()
-def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8):
+def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8, others=0.0):
     """train.detail_accuracy (bench/miniature.py's scorer): ({"large", "medium", "small", "overall"} exact
     match, counts, mean prompt length in text tokens, a few (truth, said, size) samples)."""
-    ds = SyntheticPrompts(net, tok, template, n, split, seed)
+    ds = SyntheticPrompts(net, tok, template, n, split, seed, others)
     sizes = tuple(data.SIZES)
     right, total, prompt_tokens, samples = dict.fromkeys(sizes, 0), dict.fromkeys(sizes, 0), [], []
     for b, said in generate_answers(net, tok, ds, data.end_of_turn(tok, template), batch_size, max_new_tokens):
@@ -713,7 +714,7 @@ def main(argv=None):
     net, tok, template = load_model(cfg, device, dtype)
     c = net.config
     if cfg.bench == "synthetic":
-        dataset = SyntheticPrompts(net, tok, template, cfg.n, cfg.split, cfg.seed)
+        dataset = SyntheticPrompts(net, tok, template, cfg.n, cfg.split, cfg.seed, cfg.others)
         ids = [r["id"] for r in dataset.records]
     else:
         samples = BENCHMARKS[cfg.bench](cfg)[:cfg.limit or None]

@@ -550,10 +550,10 @@ class HIRE(nn.Module):
     # such key, so DeepSpeed's default, 0 (off), applies.
     LLAVA_SCHEDULE = {"warmup_ratio": 0.03, "min_lr_ratio": 0.0, "grad_clip": 0.0}
     STAGES = {
-        # tiny presets only: build the small LM that the paper recipes then freeze, LLaVA-style on the frozen
-        # pretrained tiny ViT (train.tiny_base), on QA in every instruction template and captions (data.MIX), so
-        # that each paper's frozen LM knows its own format. Our schedule, the one assets/tiny-lm was built with
-        # (5000 steps: 20 of warmup, cosine to 10% of the peak, gradient clipping at 1)
+        # tiny presets only, never part of a paper recipe: everything but the ViT trains together, on QA in every
+        # instruction template and captions (data.MIX), with its own schedule (20 of 5000 steps of warmup, cosine to
+        # 10% of the peak, gradient clipping at 1). The tiny LM was once built this way; it is now built from text
+        # alone, as the papers' LMs are (bench/tiny_base.py)
         "base": {"template": "mix", "train": {"llm": 1e-3, "projector": 1e-3, "enricher": 1e-3},
                  "warmup_ratio": 0.004, "min_lr_ratio": 0.1, "grad_clip": 1.0},
         # stage 1: projector + enricher, lr 1e-3 (LLaVA-1.5 pretraining), ViT and LLM frozen

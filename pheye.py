@@ -151,6 +151,12 @@ class CrossAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def init_std(d_model: int, d_vision: int) -> float:
+    """Std of q/k/v/fc1 at init: the release's 0.01 at Phi-1.5 + ViT-H widths, scaled so that the initial
+    attention-logit std sigma^2 sqrt(D_LM D_ViT) is the release's at any width (0.036 at 128 + 128)."""
+    return 0.01 * (2048 * 1280 / (d_model * d_vision)) ** 0.25
+
+
 class DenseCrossAttentionBlock(nn.Module):
     """x + CrossAttn(LN(x), image), then x + FFN(LN(x)) with a 4x GELU FFN. No tanh gate: the paper found that
     Flamingo's gating hindered convergence (Sec. 2.1)."""
@@ -163,9 +169,13 @@ class DenseCrossAttentionBlock(nn.Module):
         self.fc2 = nn.Linear(4 * d_model, d_model)
         # Sec. 2.1: output matrices start near zero so the frozen LM is intact at initialisation. Release values:
         # every linear N(0, 0.01^2) with zero bias, the two output matrices N(0, (0.01 / sqrt(2 max(L, 36)))^2).
+        # The release's 0.01 is made for Phi-1.5 (2048) + ViT-H (1280): the initial attention logits q.k/sqrt(hs)
+        # of unit-variance inputs have std sigma^2 sqrt(D_LM D_ViT) = 0.16 there, but 0.013 at width 128, where
+        # attention then stays uniform over the vision tokens. So sigma keeps that spread at any width
+        # (init_std; exactly 0.01 at the paper's widths); the output matrices keep the release's values.
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.01)
+                nn.init.normal_(m.weight, std=init_std(d_model, d_vision))
                 nn.init.zeros_(m.bias)
         for w in (self.attn.out_proj.weight, self.fc2.weight):
             nn.init.normal_(w, std=0.01 / math.sqrt(2 * max(lm_layers, 36)))

@@ -59,16 +59,20 @@ class TrainConfig:
     data: str = "synthetic"       # "synthetic" or a LLaVA-format JSON file
     image_dir: str = ""           # image folder for --data (default: the JSON's folder)
     n_train: int = 4000           # synthetic set sizes
-    n_val: int = 64               # validation samples (--data: at most this many); 0: no validation
+    others: float = 0.0           # synthetic set: chance that each non-target cell holds an item too (0: one item
+                                  # per image, the miniature's task; data.OTHERS = 0.8: the full 3x3 scenes)
+    n_val: int = 256              # validation samples (--data: at most this many); 0: no validation. The last
+                                  # evaluation answers all of them (issue 14: >= 200 for a number)
     val_fraction: float = 0.02    # --data: the share of records held out for validation (1 in 50)
     skip_bad: bool = False        # skip unreadable samples (counted) instead of stopping
     out_dir: str = ""             # default: out/<model>
     overwrite: bool = False       # allow replacing a checkpoint of another run in out_dir
     resume: bool = False
-    max_iters: int = 300
+    max_iters: int = 600          # the tiny recipes read the image from about 300 instruction steps on
     batch_size: int = 8           # per process, per micro-step
     grad_accum: int = 0           # micro-steps per optimizer step, over all processes; 0: one per process
-    lr_scale: float = 1.0         # multiplies every learning rate of the stage recipe
+    lr_scale: float = 0.0         # multiplies every learning rate of the stage recipe; 0: TINY_LR_SCALE for the
+                                  # tiny presets, 1 (the papers' rates) for every other
     warmup_iters: int | None = None   # None: the stage recipe's warmup_ratio x max_iters
     lr_decay_iters: int = 0       # cosine length; default max_iters (set it to train on past a stop)
     min_lr_ratio: float | None = None  # cosine decay to this fraction of the peak; None: the stage recipe's
@@ -82,7 +86,7 @@ class TrainConfig:
     act_ckpt: bool = False        # activation checkpointing of the LLM's decoder blocks
     num_workers: int = 1          # DataLoader workers: image decoding stays off the training process
     eval_interval: int = 100      # evaluate + checkpoint every N steps; 0: only at the end
-    eval_answers: int = 32        # greedy answers scored by exact match at each evaluation
+    eval_answers: int = 32        # greedy answers scored by exact match at each evaluation but the last (n_val)
     from_scratch: bool = False    # tiny presets: random ViT/LM instead of the shipped tiny base (assets/)
 
 
@@ -126,6 +130,12 @@ def get_field(obj, key):
     return obj
 
 
+# The papers' learning rates are set for thousands of steps of billion-parameter models; the tiny presets train
+# for a few hundred steps, in which LLaVA-1.5 at x1 stays at the no-image level and at x5 reads large details
+# (probed once on LLaVA-1.5, then frozen for every model: README, "The papers' claims in miniature").
+TINY_LR_SCALE = 5.0
+
+
 def parse_args(argv):
     """Split `--key=value` (or `--flag`) arguments into TrainConfig and model-config overrides."""
     cfg, overrides = TrainConfig(), {}
@@ -148,6 +158,7 @@ def parse_args(argv):
             overrides[key] = value
     if cfg.model not in MODELS:
         raise ValueError(f"--model={cfg.model!r} is not one of {', '.join(MODELS)}")
+    cfg.lr_scale = cfg.lr_scale or (TINY_LR_SCALE if cfg.preset == "tiny" else 1.0)
     check_options(cfg)
     cfg.out_dir = cfg.out_dir or os.path.join("out", cfg.model)
     return cfg, overrides
@@ -514,147 +525,22 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # t
 TINY_VIT, TINY_LM = os.path.join(ASSETS, "tiny-vit"), os.path.join(ASSETS, "tiny-lm")
 
 
-def patch_tensors(n, split, seed=0, scales=(1, 1, 2, 3)):
-    """n pretraining examples of data.patch_example as (uint8 images (n, 64, 64, 3), labels (n, 64), items)."""
-    ex = [data.patch_example(seed, split, i, scales=scales) for i in range(n)]
-    return (torch.from_numpy(np.stack([e[0] for e in ex])), torch.from_numpy(np.stack([e[1] for e in ex])),
-            [e[2] for e in ex])
-
-
-def vit_pixels(images):
-    """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W), as data.load_image."""
-    return data.clip_normalize(images.permute(0, 3, 1, 2))
-
-
-def patch_logits(vit, heads, pixels):
-    """Item-class logits of every patch token from the penultimate layer (read by LLaVA-1.5, S2, HIRE and
-    INF-LLaVA) and the last (read by Pheye): two (B, N, classes) tensors."""
-    penultimate = vit(pixels, layer=-2)
-    last = vit.layers[-1](penultimate)
-    return heads[0](penultimate[:, 1:]), heads[1](last[:, 1:])
-
-
-@torch.no_grad()
-def patch_accuracy(vit, heads, images, items, batch_size=250):
-    """Held-out accuracy per (detail size, render scale) of the penultimate layer's reading of each item: the
-    argmax over item classes of its patches' mean logits."""
-    logits = torch.cat([patch_logits(vit, heads, vit_pixels(images[i:i + batch_size]))[0]
-                        for i in range(0, len(images), batch_size)])
-    hits = {}
-    for row, its in zip(logits, items):
-        for cls, size, scale, patches in its:
-            hits.setdefault((list(data.SIZES).index(size), scale), []).append(
-                row[patches].mean(0)[1:].argmax().item() + 1 == cls)
-    return {f"{list(data.SIZES)[k[0]]}@{64 * k[1]}": round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
-
-
-def patch_classifier(width):
-    """The pretraining heads: one linear item classifier for the penultimate layer's tokens, one for the last's."""
-    return torch.nn.ModuleList(torch.nn.Linear(width, len(data.ITEM_CLASSES)) for _ in range(2))
-
-
-def load_tiny_vit(path=TINY_VIT):
-    """A pretrained tiny ViT and its patch classifier, as pretrain_tiny_vit wrote them."""
-    from safetensors.torch import load_file
-    from vit import ViT
-    vit = ViT.from_pretrained(path)
-    heads = patch_classifier(vit.config.width)
-    heads.load_state_dict(load_file(os.path.join(path, "classifier.safetensors")))
-    return vit.eval(), heads
-
-
-def pretrain_tiny_vit(out, steps=4000, batch_size=64, lr=2e-3, n_train=40000, n_val=1000, seed=0):
-    """Pretrain the tiny presets' ViT on data.patch_example (what CLIP is to the papers' models): a linear item
-    classifier on the patch tokens of its penultimate and last layers, AdamW (weight decay 0.05), 100 warm-up
-    steps then cosine to 0, gradient clipping at 1. Writes the ViT to `out` (HF CLIP layout), the classifier to
-    out/classifier.safetensors and the recipe with the held-out accuracies to out/pretraining.json.
-    The shipped assets/tiny-vit came from `python -c "import train; train.pretrain_tiny_vit('assets/tiny-vit')"`."""
-    from vit import ViT, ViTConfig
-    t0 = time.time()
-    images, labels, _ = patch_tensors(n_train, "train", seed)
-    val_images, _, val_items = patch_tensors(n_val, "val", seed)
-    print(f"tiny ViT pretraining: {n_train} + {n_val} crops rendered in {time.time() - t0:.0f} s")
-    torch.manual_seed(seed)
-    vit = ViT(ViTConfig.preset("tiny"))
-    heads = patch_classifier(vit.config.width)
-    params = [*vit.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    order = torch.Generator().manual_seed(seed)
-    for step in (bar := tqdm(range(steps), desc="tiny ViT", dynamic_ncols=True)):
-        idx = torch.randint(0, n_train, (batch_size,), generator=order)
-        target = labels[idx].flatten()
-        loss = sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), target)
-                   for lg in patch_logits(vit, heads, vit_pixels(images[idx]))) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    accuracy = patch_accuracy(vit.eval(), heads, val_images, val_items)
-    vit.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, os.path.join(out, "classifier.safetensors"))
-    recipe = dict(steps=steps, batch_size=batch_size, lr=lr, n_train=n_train, n_val=n_val, seed=seed,
-                  final_loss=round(loss.item(), 4), minutes=round((time.time() - t0) / 60, 1),
-                  val_accuracy=accuracy, classes=data.ITEM_CLASSES)
-    with open(os.path.join(out, "pretraining.json"), "w") as f:
-        json.dump(recipe, f, indent=1)
-    print(f"tiny ViT pretrained in {recipe['minutes']} min, held-out item accuracy {accuracy}")
-    return accuracy
-
-
 def tiny_base():
-    """Tiny presets have no public weights to freeze: they start from the tiny ViT and LM shipped in assets/
-    (3.3 + 3.9 MB), so that every model's paper recipe can freeze them as written. Returns (vit_dir, llm_dir).
-    The LM's directory holds the tokenizer it was pretrained with (data.build_tiny_tokenizer trained it)."""
-    for path, how in ((f"{TINY_VIT}/model.safetensors", "pretrain_tiny_vit"),
-                      (f"{TINY_LM}/model.safetensors", "pretrain_tiny_lm"),
-                      (f"{TINY_LM}/tokenizer.model", "pretrain_tiny_lm")):
+    """Tiny presets have no public weights to freeze: they start from the tiny ViT (pretrained as a patch
+    classifier at the base resolution) and the text-only tiny LM shipped in assets/, as the papers start from CLIP
+    and a text LLM, so that every model's paper recipe can freeze them as written. Returns (vit_dir, llm_dir).
+    The LM's directory holds the tokenizer (data.build_tiny_tokenizer). bench/tiny_base.py builds them."""
+    for path, how in ((f"{TINY_VIT}/model.safetensors", "vit"), (f"{TINY_LM}/model.safetensors", "lm"),
+                      (f"{TINY_LM}/tokenizer.model", "lm")):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: the tiny base ships with the repository "
-                                    f"(restore it from git, or rebuild it with train.{how})")
+                                    f"(restore it from git, or rebuild it with python bench/tiny_base.py {how})")
     return TINY_VIT, TINY_LM
 
 
 def tiny_tokenizer():
     """The tiny presets' tokenizer, even for a run from scratch: the tiny LM's (assets/tiny-lm)."""
     return tiny_base()[1]
-
-
-BASE_GATE = 0.5  # the least accuracy on large details for a tiny LM to be kept
-
-
-def pretrain_tiny_lm(out, vit=TINY_VIT, iters=5000, work=None, args=(), gate=BASE_GATE):
-    """Pretrain the tiny LM on the frozen tiny ViT's features, LLaVA-style: hire.py's "base" stage (LM and
-    projector train at 1e-3, batch 16; questions in every instruction template and captions, data.MIX). Then
-    greedy answers to 150 validation questions: a base that reads large details (legible at the 64-px view) below
-    BASE_GATE is refused, since every experiment on top of it would be moot. Writes the LM to `out` (HF layout)
-    with the tokenizer, the projector (to rebuild the base, tests/test_train.py) and pretraining.json.
-    The shipped assets/tiny-lm came from `python -c "import train; train.pretrain_tiny_lm('assets/tiny-lm')"`."""
-    import hire
-    work = work or out + ".run"  # the LLaVA-style run that trains it
-    shutil.rmtree(work, ignore_errors=True)
-    t0 = time.time()
-    main(["--model=llava", "--stage=base", f"--vit={vit}", f"--out_dir={work}", f"--max_iters={iters}",
-          "--batch_size=16", f"--eval_interval={iters}", "--eval_answers=16", *args], distributed=False)
-    ckpt = os.path.join(work, "ckpt")
-    model = hire.HIRE.load(ckpt).eval()
-    acc = detail_accuracy(model, Tokenizer.from_pretrained(ckpt), "mix", 150, "val")[0]
-    print(f"tiny base: greedy answers to 150 validation questions: {acc}")
-    if acc["large"] < gate:
-        raise RuntimeError(f"the tiny base in {work} reads large details at {acc['large']:.0%} (< {gate:.0%}): "
-                           f"it does not see the image; {out} not written")
-    model.llm.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()},
-              os.path.join(out, "projector.safetensors"))
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(os.path.join(ckpt, name), out)
-    recipe = dict(iters=iters, batch_size=16, args=list(args), vit=os.path.relpath(vit, os.path.dirname(ASSETS)),
-                  val_accuracy=acc, minutes=round((time.time() - t0) / 60, 1))
-    with open(os.path.join(out, "pretraining.json"), "w") as f:
-        json.dump(recipe, f, indent=1)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -690,12 +576,12 @@ def evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id, max_new
     return (loss_sum / n_tok.clamp(min=1)).item(), round((correct / total.clamp(min=1)).item(), 4), shown
 
 
-def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8):
-    """Greedy answers of `net` to the first n questions of a synthetic split, scored by exact match
-    (data.normalize_answer) per detail size: ({"large", "medium", "small", "overall"}, counts, the mean prompt
-    length in text tokens, a few (truth, said, size) samples). The benchmarks' code path: eval.py."""
+def detail_accuracy(net, tok, template, n, split="test", seed=0, batch_size=32, max_new_tokens=8, others=0.0):
+    """Greedy answers of `net` to the first n questions of a synthetic split (others: as TrainConfig), scored by
+    exact match (data.normalize_answer) per detail size: ({"large", "medium", "small", "overall"}, counts, the
+    mean prompt length in text tokens, a few (truth, said, size) samples). The benchmarks' code path: eval.py."""
     from eval import detail_accuracy
-    return detail_accuracy(net, tok, template, n, split, seed, batch_size, max_new_tokens)
+    return detail_accuracy(net, tok, template, n, split, seed, batch_size, max_new_tokens, others)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -836,7 +722,7 @@ def main(argv=None, distributed=True, last=True):
                                               split=split, n=n, seed=cfg.seed, image_dir=cfg.image_dir,
                                               skip_bad=cfg.skip_bad, task=recipe.get("task"),
                                               center_crop=recipe.get("center_crop", False),  # a stage's image fit
-                                              val_fraction=cfg.val_fraction)
+                                              val_fraction=cfg.val_fraction, others=cfg.others)
     # --n_val=0: no validation, and a data file trains on all its records
     train_set = make("train" if cfg.n_val or cfg.data == "synthetic" else None, cfg.n_train)
     val_set = make("val", cfg.n_val) if cfg.n_val else None
@@ -851,10 +737,12 @@ def main(argv=None, distributed=True, last=True):
         ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=ds.collate,
         worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed), **kw)
     val_loader = loader(val_set, sampler=list(range(rank, len(val_set), world))) if val_set is not None else []
-    n_qa = min(cfg.eval_answers, len(val_set)) if val_set is not None and template != "plain" else 0  # not captions
     eos_id = data.end_of_turn(tok, template)
-    questions = val_set.qa_set(n_qa) if n_qa else []
-    qa = loader(questions, sampler=list(range(rank, len(questions), world))) if n_qa else []
+
+    def qa_loader(n):  # the first n validation questions; captions are not scored
+        questions = val_set.qa_set(n) if val_set is not None and template != "plain" and n else []
+        return loader(questions, sampler=list(range(rank, len(questions), world))) if len(questions) else []
+    qa, final_qa = qa_loader(cfg.eval_answers), qa_loader(len(val_set) if val_set is not None else 0)
 
     # --- RNG: per-rank streams (dropout), restored exactly on resume
     if state and state["world"] == world:
@@ -960,11 +848,14 @@ def main(argv=None, distributed=True, last=True):
             all_reduce(halt, world, dist.ReduceOp.MAX if world > 1 else None)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or halt.item():
                 if not halt.item() and val_set is not None:
-                    val_loss, acc, shown = evaluate(raw_model, val_loader, qa, tok, device, ctx, world, eos_id)
+                    asked = final_qa if step == cfg.max_iters else qa
+                    val_loss, acc, shown = evaluate(raw_model, val_loader, asked, tok, device, ctx, world, eos_id)
                     if master:
-                        log.write(json.dumps(dict(iter=step, val_loss=round(val_loss, 6), accuracy=acc)) + "\n")
+                        n_asked = len(asked.dataset) if asked else 0
+                        log.write(json.dumps(dict(iter=step, val_loss=round(val_loss, 6), accuracy=acc,
+                                                  answers=n_asked)) + "\n")
                         log.flush()
-                        scored = f", exact-match accuracy {acc:.1%}" if qa else ""
+                        scored = f", exact-match accuracy {acc:.1%} on {n_asked} held-out questions" if asked else ""
                         bar.write(f"step {step}: val loss {val_loss:.4f}{scored}")
                 checkpoint(step)
             if halt.item():

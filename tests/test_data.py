@@ -307,6 +307,30 @@ def test_synthetic_deterministic_and_split(tok):
         data.SyntheticDataset(tok, n=0)
 
 
+def test_one_item_scenes_are_the_full_scenes_without_the_other_items():
+    """others=0 (the miniature's task) and any others <= OTHERS draw exactly what the full scene draws and keep
+    fewer of the non-target items: the same question, answer, background and noise. The full scenes themselves
+    are pinned (a checksum of 50 records, taken before `others` existed): the shipped tiny ViT and tokenizer were
+    built from them (patch_example, tiny_corpus), so their draws must never change."""
+    full_records = [data.synthetic_record(0, "train", i, "caption") for i in range(50)]
+    assert zlib.crc32(json.dumps(full_records, sort_keys=True).encode()) == 3749529943
+    for i in range(50):
+        rec, full = data.synthetic_record(0, "train", i)
+        for others in (0.0, 0.4):
+            one_rec, one = data.synthetic_record(0, "train", i, others=others)
+            assert one_rec == rec and (one["target"], one["background"], one["noise_seed"]) == (
+                full["target"], full["background"], full["noise_seed"])
+            for k, (a, b) in enumerate(zip(one["cells"], full["cells"])):
+                assert a == b or (a is None and k != full["target"] and others < data.OTHERS)
+            assert others or sum(c is not None for c in one["cells"]) == 1
+    kept = [sum(c is not None for c in data.synthetic_record(0, "train", i, others=0.4)[1]["cells"]) for i in range(90)]
+    assert 1 + 8 * 0.25 < sum(kept) / 90 < 1 + 8 * 0.55  # about 1 + 8 x 0.4
+    one = data.synthetic_record(0, "train", 3, "caption", others=0)[0]["conversations"][1]["value"]
+    assert one.count(":") == 1 and one.startswith("A 3 by 3 grid. ")  # the caption names the one item
+    with pytest.raises(data.DataError, match=r"others=1.5: expected a chance in \[0, 1\]"):
+        data.synthetic_record(0, "train", 0, others=1.5)
+
+
 def test_write_out_loads_back_identically(tmp_path, tok):
     out = tmp_path / "syn"
     argv = sys.argv

@@ -51,6 +51,7 @@ def test_table_has_every_row_and_column(grid):
     prior = saved["meta"]["answer_prior"]
     assert 1 / 17 <= prior["overall"] <= 1 / 3 and prior["overall"] * 6 == round(prior["overall"] * 6)
     assert any(line.startswith("Without the image") for line in lines)
+    assert (out / "miniature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure by detail size
 
 
 def test_flops_column_is_flops_py(grid):
@@ -126,3 +127,24 @@ def test_scorer_counts_exact_matches_per_size(grid, monkeypatch):
     res = miniature.evaluate_checkpoint(os.path.join(out, "runs", "llava-seed1"), "llava", 6, batch_size=4)
     assert res["accuracy"] == {"large": 0.0, "medium": 0.0, "small": 1.0, "overall": pytest.approx(1 / 3)}
     assert not queue
+
+
+def test_learning_curve_runs_scale_both_stages_and_average_over_seeds(tmp_path):
+    args = miniature.parse_args(["--align_iters=100", "--iters=300", f"--out={tmp_path}", "--curve"])
+    run_dir, calls, _ = miniature.run_spec(args, "llava_s2", 2, 0.25)
+    assert run_dir == os.path.join(str(tmp_path), "runs", "llava_s2-seed2-x0.25")
+    assert [next(a for a in c if a.startswith("--max_iters=")) for c in calls] == ["--max_iters=25", "--max_iters=75"]
+    assert miniature.run_spec(args, "llava_s2", 2)[0] == os.path.join(str(tmp_path), "runs", "llava_s2-seed2")
+    acc = lambda small: {"overall": 0.5, "large": 0.8, "medium": 0.5, "small": small}
+    results = [dict(key=k, seed=s, budget=b, steps=round(400 * b), accuracy=acc(0.1 * s + b / 10))
+               for k in miniature.CURVE_KEYS for s in (1, 2, 3) for b in miniature.CURVE_BUDGETS]
+    curve = miniature.learning_curve(results)
+    assert [(c["key"], c["steps"]) for c in curve] == [(k, round(400 * b)) for k in miniature.CURVE_KEYS
+                                                       for b in miniature.CURVE_BUDGETS]
+    first = curve[0]["accuracy"]["small"]  # seeds 0.1, 0.2, 0.3 + 0.025
+    assert first["mean"] == pytest.approx(0.225) and first["std"] == pytest.approx(0.1)
+    meta = dict(seeds=[1, 2, 3], answer_prior={"overall": 0.2, "large": 0.2, "medium": 0.2, "small": 0.2})
+    assert "| LLaVA-1.5, 64 px | 100 | 50.0 ± 0.0 | 80.0 ± 0.0 | 50.0 ± 0.0 | 22.5 ± 10.0 |" in \
+        miniature.curve_markdown(curve, meta)
+    miniature.curve_figure(curve, meta, str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

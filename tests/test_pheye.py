@@ -13,7 +13,7 @@ from PIL import Image
 import data
 from data import IGNORE
 import pheye
-from pheye import Pheye, PheyeConfig, cross_attention_layers, split_tiles
+from pheye import DenseCrossAttentionBlock, Pheye, PheyeConfig, cross_attention_layers, init_std, split_tiles
 from vit import ViT, ViTConfig, lora_parameters
 
 N_SUB = 65  # tokens per tiny sub-image: (64 / 8)^2 patches + CLS
@@ -212,12 +212,39 @@ def test_cross_attention_width_follows_the_release():
 def test_cross_attention_init():
     model = tiny()
     out_std = 0.01 / (2 * 36) ** 0.5  # release: 0.01 / sqrt(2 max(n_layers, 36)), tiny LM has 4 layers
+    in_std = 0.01 * (2048 * 1280 / (128 * 128)) ** 0.25  # width-aware (init_std): 0.0356 at 128 + 128
     for block in model.xattn.values():
         for name, lin in [("q", block.attn.q_proj), ("k", block.attn.k_proj), ("v", block.attn.v_proj),
                           ("fc1", block.fc1), ("out", block.attn.out_proj), ("fc2", block.fc2)]:
-            want = out_std if name in ("out", "fc2") else 0.01
+            want = out_std if name in ("out", "fc2") else in_std
             assert abs(lin.weight.std().item() / want - 1) < 0.05, (name, lin.weight.std().item(), want)
             assert torch.all(lin.bias == 0), name
+
+
+def initial_logit_std(block, d_model, d_vision):
+    """Std of the block's attention logits q.k / sqrt(hs) at init, for unit-variance text and vision inputs."""
+    g = torch.Generator().manual_seed(0)
+    x, vision = torch.randn(2, 16, d_model, generator=g), torch.randn(2, 64, d_vision, generator=g)
+    with torch.no_grad():
+        q = block.attn.q_proj(block.attn.norm(x)).view(2, 16, block.attn.n_head, -1).transpose(1, 2)
+        k, _ = block.attn.keys_values(vision)
+        return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).std().item()
+
+
+def test_cross_attention_init_keeps_the_papers_logit_spread_at_any_width():
+    # paper widths (Phi-1.5 2048, ViT-H 1280): exactly the release's values, and a logit spread of ~0.16
+    assert init_std(2048, 1280) == 0.01
+    torch.manual_seed(0)
+    paper = DenseCrossAttentionBlock(2048, 1280, 64, 24)
+    for lin in (paper.attn.q_proj, paper.attn.k_proj, paper.attn.v_proj, paper.fc1):
+        assert abs(lin.weight.std().item() / 0.01 - 1) < 0.01
+    for w in (paper.attn.out_proj.weight, paper.fc2.weight):
+        assert abs(w.std().item() / (0.01 / 72 ** 0.5) - 1) < 0.01  # 0.01 / sqrt(2 max(24, 36))
+    spread = initial_logit_std(paper, 2048, 1280)
+    assert abs(spread - 0.01 ** 2 * (2048 * 1280) ** 0.5) < 0.01  # 0.162
+    # the tiny preset (128 + 128) gets the same spread; the release's flat 0.01 would give 0.013, 12x less
+    block = tiny().xattn["1"]
+    assert abs(initial_logit_std(block, 128, 128) / spread - 1) < 0.1
 
 
 def test_at_init_logits_are_the_frozen_lms():
@@ -225,8 +252,9 @@ def test_at_init_logits_are_the_frozen_lms():
     with torch.no_grad():
         lm = model.llm(idx)
         # tiny init: the tiny random LM's hidden states are small (embeddings N(0, 0.02^2)), so the near-zero
-        # cross-attention still moves logits by ~0.05; output matrices at the other linears' 0.01 move them ~0.7
-        assert (model(px, idx) - lm).abs().max() < 0.1
+        # cross-attention still moves logits by ~0.17 (v and fc1 at init_std 0.036); output matrices at the
+        # other linears' std would move them ~1.3
+        assert (model(px, idx) - lm).abs().max() < 0.25
         for block in model.xattn.values():
             block.attn.out_proj.weight.zero_()
             block.fc2.weight.zero_()

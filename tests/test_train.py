@@ -1,6 +1,5 @@
 """train.py: exact resume, DDP == one process, atomic checkpoints, signals, bad input, every tiny model learns."""
 import json
-import math
 import os
 import shutil
 import signal
@@ -216,64 +215,17 @@ def test_bad_input_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the tiny base
-def test_pretrain_tiny_vit_learns_and_round_trips(tmp_path):
-    out = str(tmp_path / "vit")
-    acc = train.pretrain_tiny_vit(out, steps=30, batch_size=16, n_train=48, n_val=24)
-    with open(os.path.join(out, "pretraining.json")) as f:
-        recipe = json.load(f)
-    assert recipe["final_loss"] < 0.5 * math.log(len(recipe["classes"]))  # from ln(26) = 3.26 at random init
-    vit, heads = train.load_tiny_vit(out)  # the ViT in CLIP layout plus the classifier read back give the same
-    images, _, items = train.patch_tensors(24, "val")
-    assert train.patch_accuracy(vit, heads, images, items) == acc == recipe["val_accuracy"]
-
-
-def test_shipped_tiny_vit_reads_small_items_only_at_high_resolution():
-    """assets/tiny-vit on unseen test-split tiles (pretraining used train and val): per-item accuracy of its
-    penultimate layer (chance 1/25), on whole scenes at 64 px and on 64-px tiles of scenes at 192 px. Measured:
-    large / medium / small 0.85 / 0.65 / 0.31 at 64 px (about 500 items each), 0.86 / 0.78 / 0.67 at 192 px.
-    The detail-size control holds for a learned reader: small items need the high-resolution view (small
-    characters 0.15 at 64 px, 0.89 at 192: the sensor noise of data.render hides what their grey levels kept)."""
-    vit, heads = train.load_tiny_vit()
-    low = train.patch_accuracy(vit, heads, *train.patch_tensors(400, "test", scales=(1,))[::2])
-    high = train.patch_accuracy(vit, heads, *train.patch_tensors(600, "test", scales=(3,))[::2])
-    assert low["large@64"] >= 0.75 and high["large@192"] >= 0.75, (low, high)
-    assert low["small@64"] <= 0.45 < low["medium@64"] < low["large@64"], low
-    assert high["small@192"] >= low["small@64"] + 0.2 and high["medium@192"] >= low["medium@64"], (low, high)
-
-
-def test_shipped_tiny_lm_reads_the_image_through_its_vit():
-    """assets/tiny-lm with the projector it was trained with, on assets/tiny-vit: greedy answers to unseen
-    test-split questions (pretraining validated on the val split). Measured on these 120: large / medium / small
-    0.57 / 0.50 / 0.23, overall 0.43 (small details, unreadable at its 64-px view, at the no-image level); with
-    each question shown its neighbour's image 0.15 / 0.25 / 0.38, 0.26, as answering from the question alone (the
-    most frequent answer of each kind: 0.22)."""
-    import hire
-    from llm import Tokenizer
-    vit_dir, lm_dir = train.tiny_base()
-    cfg = hire.HIREConfig.preset("tiny")
-    cfg.enricher, cfg.vit_path, cfg.llm_path = "none", vit_dir, lm_dir
-    model = hire.HIRE.from_pretrained(cfg)
-    model.projector.load_state_dict(load_file(os.path.join(lm_dir, "projector.safetensors")))
-    tok = Tokenizer.from_pretrained(lm_dir)
-    acc = train.detail_accuracy(model.eval(), tok, "mix", 160, "test")[0]
-    assert acc["large"] >= 0.45 and acc["overall"] >= 0.38 and acc["small"] < acc["large"] - 0.2, acc
-    generate = model.generate  # each question now sees the image of its neighbour in the batch
-    model.generate = lambda pixels, *args, **kw: generate(pixels.roll(1, 0), *args, **kw)
-    shuffled = train.detail_accuracy(model, tok, "mix", 160, "test")[0]
-    assert shuffled["large"] < acc["large"] - 0.25 and shuffled["overall"] < acc["overall"] - 0.15, (acc, shuffled)
-
-
-def test_tiny_lm_that_cannot_see_is_refused(tmp_path):
-    out = str(tmp_path / "lm")
-    with pytest.raises(RuntimeError, match=r"reads large details at \d+% \(< 50%\): it does not see the image"):
-        train.pretrain_tiny_lm(out, iters=2)  # two steps: it cannot have learnt to read the image
-    assert not os.path.exists(out)
-
-
+# (its builders and their tests: bench/tiny_base.py, tests/test_tiny_base.py)
 def test_missing_tiny_base_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "TINY_LM", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"model.safetensors is missing: .*train.pretrain_tiny_lm"):
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors is missing: .*bench/tiny_base.py lm"):
         train.tiny_tokenizer()
     open(tmp_path / "model.safetensors", "wb").close()
     with pytest.raises(FileNotFoundError, match=r"tokenizer.model is missing"):
         train.tiny_base()
+
+
+def test_learning_rate_scale_defaults_to_the_tiny_one_for_tiny_presets_only():
+    assert train.parse_args(["--model=llava"])[0].lr_scale == train.TINY_LR_SCALE == 5.0
+    assert train.parse_args(["--model=pheye", "--preset=paper-x4-448"])[0].lr_scale == 1.0  # the papers' rates
+    assert train.parse_args(["--model=hire", "--lr_scale=2"])[0].lr_scale == 2.0  # as given
