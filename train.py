@@ -71,7 +71,7 @@ class TrainConfig:
     max_iters: int = 600          # the tiny recipes read the image from about 300 instruction steps on
     batch_size: int = 8           # per process, per micro-step
     grad_accum: int = 0           # micro-steps per optimizer step, over all processes; 0: one per process
-    lr_scale: float = 0.0         # multiplies every learning rate of the stage recipe; 0: TINY_LR_SCALE for the
+    lr_scale: float | None = None  # multiplies every learning rate of the stage recipe; None: TINY_LR_SCALE for the
                                   # tiny presets, 1 (the papers' rates) for every other
     warmup_iters: int | None = None   # None: the stage recipe's warmup_ratio x max_iters
     lr_decay_iters: int = 0       # cosine length; default max_iters (set it to train on past a stop)
@@ -163,7 +163,8 @@ def parse_args(argv):
             overrides[key] = value
     if cfg.model not in MODELS:
         raise ValueError(f"--model={cfg.model!r} is not one of {', '.join(MODELS)}")
-    cfg.lr_scale = cfg.lr_scale or (TINY_LR_SCALE if cfg.preset == "tiny" else 1.0)
+    if cfg.lr_scale is None:
+        cfg.lr_scale = TINY_LR_SCALE if cfg.preset == "tiny" else 1.0
     for key, value in TINY_SCHEDULE.items() if cfg.preset == "tiny" else ():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)

@@ -341,21 +341,26 @@ def test_schedule_comes_from_the_stage_recipe(tmp_path, monkeypatch):
     llava = {"warmup_ratio": 0.03, "min_lr_ratio": 0.0, "grad_clip": 0.0}  # LLaVA-1.5's and INF-LLaVA's scripts
     assert all({k: hire.HIRE.STAGES[s][k] for k in llava} == llava for s in ("pretrain", "finetune"))
     assert all({k: inf_llava.INFLLaVA.STAGES[s][k] for k in llava} == llava for s in ("pretrain", "finetune"))
-    cfg, _ = train.parse_args(["--max_iters=5000"])
+    cfg, _ = train.parse_args(["--max_iters=5000", "--preset=paper"])
     train.resolve_schedule(cfg, hire.HIRE.STAGES["base"])  # what assets/tiny-lm was built with
     assert (cfg.warmup_iters, cfg.min_lr_ratio, cfg.grad_clip) == (20, 0.1, 1.0)
-    cfg, _ = train.parse_args(["--max_iters=2180"])  # LLaVA-1.5's pretraining: 558K samples / 256
+    cfg, _ = train.parse_args(["--max_iters=2180", "--preset=paper"])  # LLaVA-1.5's pretraining: 558K samples / 256
     train.resolve_schedule(cfg, hire.HIRE.STAGES["pretrain"])
     assert (cfg.warmup_iters, cfg.min_lr_ratio, cfg.grad_clip) == (66, 0.0, 0.0)  # the HF Trainer's ceil(65.4)
+    cfg, _ = train.parse_args(["--max_iters=3", "--preset=paper", "--model=pheye"])
+    train.resolve_schedule(cfg, pheye.Pheye.STAGES["stage3"])
+    assert (cfg.warmup_iters, cfg.min_lr_ratio, cfg.grad_clip) == (0, 0.0, 0.0)
     clipped = []
     clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, c: clipped.append(c) or clip(p, c))
+    # the tiny presets: train.TINY_SCHEDULE (20 warmup steps, floor 10%, clip 1.0) at x TINY_LR_SCALE
     out = run(tmp_path, "--model=pheye", "--stage=stage3", "--max_iters=3", "--eval_interval=0", name="pheye")
-    lr = [r["lr"] for r in rows(out) if "lr" in r]  # no warmup, cosine from the first step to 0 at the last
-    assert lr == pytest.approx([5e-5 * 0.5 * (1 + math.cos(math.pi * k / 3)) for k in range(3)])
-    assert clipped == []
+    lr = [r["lr"] for r in rows(out) if "lr" in r]
+    assert lr == pytest.approx([5e-5 * train.TINY_LR_SCALE * (k + 1) / 20 for k in range(3)])
+    assert clipped == [1.0] * 3
+    clipped.clear()
     out = run(tmp_path, *LLAVA, "--max_iters=3", "--eval_interval=0", "--grad_clip=0.5", "--min_lr_ratio=0.1",
-              name="llava")
-    lr = [r["lr"] for r in rows(out) if "lr" in r]  # ceil(0.03 x 3) = 1 warmup step, then cosine to the floor
+              "--warmup_iters=1", "--lr_scale=1", name="llava")  # options win over the recipe and the tiny defaults
+    lr = [r["lr"] for r in rows(out) if "lr" in r]  # 1 warmup step, then cosine to the floor
     assert lr == pytest.approx([1e-3, 1e-3, 1e-3 * (0.1 + 0.9 * 0.5)])
     assert clipped == [0.5] * 3
