@@ -76,12 +76,19 @@ class HIREConfig:
             "qwen": lambda: HIREConfig(llm=qwen7b),
             # the tiny sizes every model shares: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
             # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
-            # 1 px of 128), half-width UNet and keys (0.05 M), and 4 JBU layers, not 5, taking E(i) (8 x 8) to
-            # 128 = the input size, as Eq. (1) says ("up to the original image size"). The two readings of the
-            # stack's sizes agree here: the 4 finest decoder maps (S/8 ... S = 16 ... 128) are 8 * 2^k
+            # 1 px of 128), and 4 JBU layers, not 5, taking E(i) (8 x 8) to 128 = the input size, as Eq. (1) says
+            # ("up to the original image size"). Widths: the paper's / 8, as the tiny ViT's 128 is CLIP-L's 1024 / 8
+            # (UNet 2 ... 8, guide and keys 4): 4048 parameters, 14.9 M multiply-adds per image (flops.py; UNet 6.9 M,
+            # kernels 5.8 M). Half widths (0.050 M, 123 M, 100 M of it the UNet's 3x3 convs at 128^2) cost as much
+            # as the tiny LLaVA-1.5's whole first token (120 M): answering took 2.35x LLaVA-1.5's time and a training
+            # step 1.35x S2's. Now 1.8x and 0.88x (bench/bench_hire.py --part=tiny, 1 thread; S2 answers at 4.2x):
+            # the rest is per-pixel work at 128^2 that narrower widths do not remove (the 9-tap kernels' elementwise
+            # passes, pooling, resizing; at widths [1, 2, 4, 4, 4] and 2 the enricher still takes half LLaVA-1.5's
+            # answering time). The two readings of the stack's sizes agree here: the 4 finest decoder maps (S/8 ... S =
+            # 16 ... 128) are 8 * 2^k
             "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
-                                       s2_scales=[64, 128, 192], unet_widths=[8, 16, 32, 32, 32], guide_dim=16,
-                                       jbu_layers=4, jbu_radius=1, jbu_key_dim=16),
+                                       s2_scales=[64, 128, 192], unet_widths=[2, 4, 8, 8, 8], guide_dim=4,
+                                       jbu_layers=4, jbu_radius=1, jbu_key_dim=4),
         }
         if name not in presets:
             raise ValueError(f"unknown HIRE preset {name!r}; choose from {sorted(presets)}")

@@ -200,6 +200,20 @@ def test_enricher_parameter_count_clip_l():
     assert 0.8 * 0.25e6 <= n <= 1.2 * 0.25e6  # the paper's "250k parameters"
 
 
+def test_enricher_parameter_count_tiny():
+    """The tiny preset's enricher, by hand: the paper's widths / 8 (UNet 2, 4, 8, 8, 8; guide and keys 4; 3x3 taps)."""
+    cfg = hire.HIREConfig.preset("tiny")
+    assert (cfg.unet_widths, cfg.guide_dim, cfg.jbu_key_dim, cfg.jbu_radius, cfg.jbu_layers) == ([2, 4, 8, 8, 8], 4,
+                                                                                                  4, 1, 4)
+    n = sum(p.numel() for p in hire.Enricher(cfg).parameters())
+    down = (3 * 2 * 9 + 2) + (2 * 4 * 9 + 4) + (4 * 8 * 9 + 8) + 2 * (8 * 8 * 9 + 8)  # 56 + 76 + 296 + 584 + 584
+    bottleneck = 8 * 4 + 4
+    up = (6 * 4 * 9 + 4) + (8 * 4 * 9 + 4) + 2 * (12 * 4 * 9 + 4)  # guide 4 + skips 2, 4, 8, 8
+    jbu = 4 * ((4 * 4 + 4) + (4 * 4 + 4) + (13 * 9 + 9) + (9 * 9 + 9) + 2)  # range G->K->K, fix-up G+9->9->9, 2 scalars
+    assert (down, bottleneck, up, jbu) == (1596, 36, 1384, 1032)
+    assert n == down + bottleneck + up + jbu == 4048
+
+
 # ----------------------------------------------------------------------------- S2
 def tiny_model(**kw):
     torch.manual_seed(0)
