@@ -76,15 +76,39 @@ def test_shipped_tiny_lm_is_text_only_knows_the_formats_and_answers_blind():
     assert metrics["answers_well_formed"] >= tiny_base.FORMAT_GATE
     prior = miniature.answer_prior(300, others=0)["overall"]
     assert metrics["answers_exact_match"] <= prior + 0.08, (metrics, prior)
+    # it reads its context: given the scene's passage in the image's slot, it answers (what LLaVA's projector uses)
+    assert metrics["read_exact_match"] >= prior + 0.5, (metrics, prior)
 
 
 def test_text_sample_has_no_image_and_supervises_the_answer():
     tok = Tokenizer.from_pretrained(train.tiny_tokenizer())
-    for i in range(4):  # one per template of data.MIX
+    for i in range(8):  # each template of data.MIX, with its passage (i < 4) and without
         ids, labels, template, rec = tiny_base.text_sample(tok, 0, "val", i)
-        assert data.IMAGE_ID not in ids and template == data.MIX[i]
+        assert data.IMAGE_ID not in ids and template == data.MIX[i % 4]
         answer = [t for t, y in zip(ids, labels) if y != data.IGNORE]
         assert tok.decode(answer).strip().startswith(rec["conversations"][1]["value"]), (template, tok.decode(answer))
+        bare = tiny_base.text_sample(tok, 0, "val", i, read=False)[0]
+        scene = data.synthetic_record(0, "val", i, "caption" if template == "plain" else "qa", 0.0)[1]
+        words = tiny_base.passage(scene, 0)
+        if i < 4 and template != "pheye":  # the passage fills the image's slot, unsupervised
+            assert len(ids) == len(bare) + len(tok.encode(words)) and words in tok.decode(ids), (template, words)
+            assert sum(y != data.IGNORE for y in labels) == len(answer)
+        else:  # no passage: half the samples, and Pheye's template, which has no slot
+            assert ids == bare
+
+
+def test_passage_is_the_scenes_items_as_an_unordered_bag():
+    """Every item's position, size, colour and kind, each word group once, in an order that varies by scene."""
+    orders = set()
+    for i in range(30):
+        scene = data.synthetic_record(0, "train", i, "qa", 0.0)[1]
+        (k, item), = [(k, it) for k, it in enumerate(scene["cells"]) if it is not None]  # one item: others=0
+        groups = [data.POSITIONS[k], item["size"], item["colour"], data.describe(item).split(" ", 2)[2]]
+        words = tiny_base.passage(scene, 0)
+        assert sorted(words.split()) == sorted(" ".join(groups).split()), (words, groups)
+        assert words == tiny_base.passage(scene, 0)  # deterministic
+        orders.add(tuple(sorted(groups, key=words.index)))
+    assert len(orders) > 10
 
 
 def test_tiny_lm_that_has_not_learnt_the_formats_is_refused(tmp_path):
