@@ -11,8 +11,8 @@ then scored on held-out questions whose answer is a large, medium or small detai
 The task (--others=0): one item per image, on the 3x3 canvas, at one of three detail sizes, faded and under
 sensor noise (data.py); the question names its cell. Every model starts from the same tiny base (assets/,
 train.tiny_base): the ViT pretrained on 64-px views, and a text-only LM that knows the chat templates, the
-questions and the answer vocabulary but has never seen an image (bench/tiny_base.py), as the papers start from
-CLIP and a text LLM. Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as each paper
+questions and the answer vocabulary and answers from a passage in its context, but has never seen an image
+(bench/tiny_base.py), as the papers start from CLIP and a text LLM. Each run is two `python train.py --model M --preset tiny --seed=S ...` calls, as each paper
 trains: its alignment stage (ALIGN: LLaVA-1.5/HIRE/INF-LLaVA "pretrain" on captions, Pheye "stage1") for
 --align_iters steps, then its instruction stage (the model file's last) from that checkpoint (--init) for --iters
 steps, with its paper's freezing recipe and learning rates times one shared --lr_scale, the same steps, batch and
