@@ -316,8 +316,8 @@ def pull_back_axis(n_in, n_out, radius, starts, length):
 
 def jbu_response(grid, sizes, radius):
     """hire.Enricher.response: the pool's weights on each block pulled back through the layers, per block window.
-    Per layer: the kernel times the weights and their scatter-back (one addcmul per tap; unseen), then two einsums
-    with the upsampling matrices (seen)."""
+    Per layer: the kernel times the weights and their scatter-back (F.fold; unseen), then two einsums with the
+    upsampling matrices (seen)."""
     n, k2 = grid * grid, (2 * radius + 1) ** 2
     s = sizes[-1] // grid
     starts, L, cost = tuple(range(0, sizes[-1], s)), s, Cost()

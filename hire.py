@@ -362,13 +362,11 @@ def windows(t, starts_y, starts_x, Ly, Lx):
 def conv_transpose_windows(w, k, radius):
     """The adaptive convolution transposed, per block window: w (B, h, w, Ly, Lx) weights on the output, k (B, d*d,
     h, w, Ly, Lx) the kernel at those pixels -> (B, h, w, Ly+2r, Lx+2r) weights on the padded input window. Each
-    tap scatters back to where it read (what F.fold sums, without its per-window loop)."""
-    d, (Ly, Lx) = 2 * radius + 1, w.shape[-2:]
-    z = w.new_zeros(*w.shape[:-2], Ly + 2 * radius, Lx + 2 * radius)
-    for t in range(d * d):
-        i, j = divmod(t, d)
-        z[..., i:i + Ly, j:j + Lx].addcmul_(w, k[:, t])
-    return z
+    tap scatters back to where it read: F.fold (col2im) sums exactly that."""
+    d, (B, h, ww, Ly, Lx) = 2 * radius + 1, w.shape
+    taps = (w.unsqueeze(3) * k.permute(0, 2, 3, 1, 4, 5)).reshape(B * h * ww, d * d, Ly * Lx)
+    z = F.fold(taps, (Ly + 2 * radius, Lx + 2 * radius), kernel_size=d)  # (B*h*w, 1, Ly+2r, Lx+2r)
+    return z.view(B, h, ww, Ly + 2 * radius, Lx + 2 * radius)
 
 
 class JBU(nn.Module):
