@@ -68,7 +68,7 @@ class TrainConfig:
     out_dir: str = ""             # default: out/<model>
     overwrite: bool = False       # allow replacing a checkpoint of another run in out_dir
     resume: bool = False
-    max_iters: int = 600          # the tiny recipes read the image from about 300 instruction steps on
+    max_iters: int = 600          # every tiny recipe answers from the image by then (README)
     batch_size: int = 8           # per process, per micro-step
     grad_accum: int = 0           # micro-steps per optimizer step, over all processes; 0: one per process
     lr_scale: float | None = None  # multiplies every learning rate of the stage recipe; None: TINY_LR_SCALE for the
