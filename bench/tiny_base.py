@@ -229,8 +229,8 @@ def pretrain_tiny_lm(out=TINY_LM, tokenizer=TINY_LM, steps=2000, batch_size=32, 
                      others=0.0, gate=FORMAT_GATE):
     """Pretrain the tiny presets' LM on text alone, what the papers' LLMs are before any image: sample i of the
     synthetic train split (seed 0, `others` as train.py's) in data.MIX's template i % 4, the image slot holding
-    the scene's passage in half of them and nothing in the rest (text_sample), every token supervised but the
-    passage's (questions, answers, captions, the templates' fixed text). The passage is what makes it a reader: a
+    the scene's passage in half of them and nothing in the rest (text_sample), every token supervised, the
+    passage's too (questions, answers, captions, the templates' fixed text). The passage is what makes it a reader: a
     real LLM answers from what its context says, and LLaVA's alignment stage, which trains only a projector into
     the frozen LLM, relies on that; an LM that never had to read its context has no circuit for a projector to use
     (the LM built without passages answered as well with the scene's description in front as without it). AdamW (weight decay 0.1),
