@@ -234,8 +234,8 @@ def pretrain_tiny_lm(out=TINY_LM, tokenizer=TINY_LM, steps=2000, batch_size=32, 
     real LLM answers from what its context says, and LLaVA's alignment stage, which trains only a projector into
     the frozen LLM, relies on that; an LM that never had to read its context has no circuit for a projector to use
     (the LM built without passages answered as well with the scene's description in front as without it).
-    AdamW (weight decay 0.1),
-    50 warm-up steps, cosine to 0.1 x lr, gradient clipping at 1. Then lm_metrics on the val split; an LM whose
+    AdamW (weight decay 0.1), 50 warm-up steps, cosine to 0.1 x lr, gradient clipping at 1. Then lm_metrics on the
+    val split; an LM whose
     greedy answers are well-formed less than `gate` of the time is refused (its format is not learnt). Writes the
     LM (HF LLaMA layout) with the tokenizer (from `tokenizer`; the shipped one by default) and pretraining.json.
     The shipped assets/tiny-lm came from `python bench/tiny_base.py lm` (this function with its defaults)."""
