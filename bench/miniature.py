@@ -3,9 +3,9 @@ The papers' claims in miniature: every model of nanoHiRes trained the same way o
 then scored on held-out questions whose answer is a large, medium or small detail (data.py's "detail" tag).
 
     python bench/miniature.py                       # the grid: 7 models x 3 seeds, table + figure in out/miniature/
-    python bench/miniature.py --seeds 3 --align_iters 100 --iters 300 --lr_scale 5 --batch_size 8 --jobs 2
+    python bench/miniature.py --seeds 3 --align_iters 200 --iters 600 --lr_scale 5 --batch_size 8 --jobs 2
                                                     # the same, spelled out
-    python bench/miniature.py --curve               # plus the learning curve (LLaVA-1.5 and S2 at 1/4 ... 2x)
+    python bench/miniature.py --curve               # plus the learning curve (LLaVA-1.5 and S2 at 1/4 ... 1.5x)
     python bench/miniature.py --quick               # a couple of steps per model, from scratch (smoke test)
 
 The task (--others=0): one item per image, on the 3x3 canvas, at one of three detail sizes, faded and under
@@ -252,7 +252,7 @@ def summarise(results):
 
 
 CURVE_KEYS = ("llava", "llava_s2")  # the learning curve: the base-resolution model and its S2 counterpart
-CURVE_BUDGETS = (0.25, 0.5, 1, 2)    # x the grid's steps in both stages (1: the grid's own runs)
+CURVE_BUDGETS = (0.25, 0.5, 1, 1.5)  # x the grid's steps in both stages (1: the grid's own runs)
 
 
 def learning_curve(results):
@@ -361,9 +361,9 @@ def markdown(rows, meta):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Train and score every nanoHiRes model on the fine-detail set.")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N for every model")
-    ap.add_argument("--align_iters", type=int, default=100,
+    ap.add_argument("--align_iters", type=int, default=200,
                     help="steps of each paper's alignment stage first (ALIGN; 0: skip it), every model the same")
-    ap.add_argument("--iters", type=int, default=300,
+    ap.add_argument("--iters", type=int, default=600,
                     help="steps of the instruction stage (every model the same)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--lr_scale", type=float, default=5.0,
