@@ -4,17 +4,20 @@ and the scorer counts exact matches per detail size."""
 import json
 import os
 import sys
+from importlib import import_module
 
 import pytest
 import torch
 
 import data
 import flops
+import train
 from llm import LLMConfig, Tokenizer
 from vit import ViTConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import miniature  # noqa: E402
+import probe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,6 @@ def test_trained_parameters(grid):
 
 def test_each_run_is_its_papers_alignment_then_instruction_stage(grid):
     """Two train.py calls per run: the alignment stage (ALIGN), then the instruction stage from its checkpoint."""
-    import train
     out, rows = grid
     for key, _, model, overrides in miniature.GRID:
         run = os.path.join(out, "runs", f"{key}-seed1")
@@ -149,3 +151,29 @@ def test_learning_curve_runs_scale_both_stages_and_average_over_seeds(tmp_path):
         miniature.curve_markdown(curve, meta)
     miniature.curve_figure(curve, meta, str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_fits_separable_classes_and_pools_what_the_lm_reads(grid):
+    """bench/probe.py: the logistic regression classifies separable held-out points exactly; the features are
+    the mean and max over the tokens the LM reads (the projector's output for the LLaVA family, encode_image's
+    for Pheye), of the split's own images."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 6
+    y = torch.arange(90) % 3
+    x = centres[y] + torch.randn(90, 8, generator=g)
+    predict = probe.fit_probe(x[:60], y[:60], 3)
+    assert predict(x[60:]).eq(y[60:]).all()
+    out, _ = grid
+    for key, model in (("llava", "llava"), ("pheye", "pheye")):
+        ckpt = os.path.join(out, "runs", f"{key}-seed1", "ckpt")
+        file, cls_name, _ = train.MODELS[model]
+        net = getattr(import_module(file), cls_name).load(ckpt).eval()
+        tok = Tokenizer.from_pretrained(ckpt)
+        feats, answers, sizes = probe.pooled_features(net, model, tok, "test", 4, batch_size=3)
+        ds = data.SyntheticDataset(tok, n=4, split="test", seed=miniature.TEST_SEED, image_size=net.config.image_size,
+                                   others=0.0)
+        with torch.no_grad():
+            t = probe.visual_tokens(net, model, ds[3][0][None])[0]
+        assert torch.allclose(feats[3], torch.cat([t.mean(0), t.amax(0)]), atol=1e-5)
+        assert answers[3] == ds.record(3)["conversations"][1]["value"] and sizes == ["large", "medium", "small",
+                                                                                      "large"]
