@@ -81,7 +81,7 @@ class HIREConfig:
             # (UNet 2 ... 8, guide and keys 4): 4048 parameters, 14.9 M multiply-adds per image (flops.py; UNet 6.9 M,
             # kernels 5.8 M). Half widths (0.050 M, 123 M, 100 M of it the UNet's 3x3 convs at 128^2) cost as much
             # as the tiny LLaVA-1.5's whole first token (120 M): answering took 2.35x LLaVA-1.5's time and a training
-            # step 1.35x S2's. Now 1.8x and 0.88x (bench/bench_hire.py --part=tiny, 1 thread; S2 answers at 4.2x):
+            # step 1.35x S2's. Now 1.8x and 0.84x (bench/bench_hire.py --part=tiny, 1 thread; S2 answers at 3.8x):
             # the rest is per-pixel work at 128^2 that narrower widths do not remove (the 9-tap kernels' elementwise
             # passes, pooling, resizing; at widths [1, 2, 4, 4, 4] and 2 the enricher still takes half LLaVA-1.5's
             # answering time). The two readings of the stack's sizes agree here: the 4 finest decoder maps (S/8 ... S =
