@@ -106,17 +106,23 @@ def step_time(log_path):
 
 
 # ----------------------------------------------------------------------------- evaluation on the test split
+def load_run(run_dir, model):
+    """(the network in eval mode, its tokenizer) of RUN_DIR/ckpt; train.py copies the tokenizer into every
+    checkpoint."""
+    from llm import Tokenizer
+    ckpt = os.path.join(run_dir, "ckpt")
+    file, cls_name, _ = train.MODELS[model]
+    return getattr(import_module(file), cls_name).load(ckpt).eval(), Tokenizer.from_pretrained(ckpt)
+
+
 @torch.no_grad()
 def evaluate_checkpoint(run_dir, model, n_test, batch_size=32, max_new_tokens=8):
     """Greedy answers of OUT_DIR/ckpt on the first n_test questions of the synthetic test split, scored by exact
     match: {"overall", "large", "medium", "small"} accuracies, counts, trained parameters, first-token cost."""
-    from llm import Tokenizer
     ckpt = os.path.join(run_dir, "ckpt")
-    file, cls_name, _ = train.MODELS[model]
-    net = getattr(import_module(file), cls_name).load(ckpt).eval()
+    net, tok = load_run(run_dir, model)
     state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location="cpu", weights_only=False)
     stage, others = state["stage"], state["train_config"]["others"]
-    tok = Tokenizer.from_pretrained(ckpt)  # train.py copies the tokenizer into every checkpoint
     c = net.config
     template = net.STAGES[stage].get("template", c.template)
     acc, n, text_tokens, samples = train.detail_accuracy(net, tok, template, n_test, "test", TEST_SEED, batch_size,

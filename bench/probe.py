@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from importlib import import_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,9 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import data  # noqa: E402
-import train  # noqa: E402
-from llm import Tokenizer  # noqa: E402
-from miniature import GRID, TEST_SEED  # noqa: E402
+from miniature import GRID, TEST_SEED, load_run, mean_std  # noqa: E402
 
 SIZES = tuple(data.SIZES)
 
@@ -45,14 +42,11 @@ def pooled_features(net, model, tok, split, n, batch_size=50):
     ds = data.SyntheticDataset(tok, n=n, split=split, seed=TEST_SEED, image_size=net.config.image_size, others=0.0)
     feats, answers, sizes = [], [], []
     for a in range(0, n, batch_size):
-        idx = range(a, min(n, a + batch_size))
-        pixels = torch.stack([ds[i][0] for i in idx])
-        t = visual_tokens(net, model, pixels).float()
+        samples = [ds.sample(i) for i in range(a, min(n, a + batch_size))]  # (pixels, ids, labels, record)
+        t = visual_tokens(net, model, torch.stack([s[0] for s in samples])).float()
         feats.append(torch.cat([t.mean(1), t.amax(1)], dim=1))
-        for i in idx:
-            rec = ds.record(i)
-            answers.append(rec["conversations"][1]["value"])
-            sizes.append(rec["detail"])
+        answers += [s[3]["conversations"][1]["value"] for s in samples]
+        sizes += [s[3]["detail"] for s in samples]
     return torch.cat(feats), answers, sizes
 
 
@@ -75,10 +69,7 @@ def fit_probe(x, y, classes, steps=300, weight_decay=1e-3):
 
 def probe_run(run_dir, model, n_fit, n_test):
     """Probe accuracy per detail size (and overall) of one checkpoint."""
-    ckpt = os.path.join(run_dir, "ckpt")
-    file, cls_name, _ = train.MODELS[model]
-    net = getattr(import_module(file), cls_name).load(ckpt).eval()
-    tok = Tokenizer.from_pretrained(ckpt)
+    net, tok = load_run(run_dir, model)
     x_fit, a_fit, _ = pooled_features(net, model, tok, "val", n_fit)
     x_test, a_test, s_test = pooled_features(net, model, tok, "test", n_test)
     names = sorted(set(a_fit) | set(a_test))
@@ -121,7 +112,7 @@ def main(argv=None):
 
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(one, runs))
-    pm = lambda v: f"{100 * sum(v) / len(v):.1f} ± {100 * torch.tensor(v).std().item() if len(v) > 1 else 0:.1f}"
+    pm = lambda v: "{mean:.1f} ± {std:.1f}".format(**mean_std([100 * x for x in v]))
     print(f"Linear probe of the LM's visual tokens ({args.n_fit} val questions to fit, the {args.n_test} test "
           f"questions to score), against the answers' exact match; mean ± std over seeds\n")
     print("| model | probe large | probe medium | probe small | answers large | answers medium | answers small |")

@@ -228,17 +228,17 @@ FORMAT_GATE = 0.9  # the least share of well-formed greedy answers for a tiny LM
 def pretrain_tiny_lm(out=TINY_LM, tokenizer=TINY_LM, steps=2000, batch_size=32, lr=2e-3, n_train=20000, seed=0,
                      others=0.0, gate=FORMAT_GATE):
     """Pretrain the tiny presets' LM on text alone, what the papers' LLMs are before any image: sample i of the
-    synthetic train split (seed 0, `others` as train.py's) in data.MIX's template i % 4, the image slot holding
-    the scene's passage in half of them and nothing in the rest (text_sample), every token supervised, the
-    passage's too (questions, answers, captions, the templates' fixed text). The passage is what makes it a reader: a
-    real LLM answers from what its context says, and LLaVA's alignment stage, which trains only a projector into
-    the frozen LLM, relies on that; an LM that never had to read its context has no circuit for a projector to use
-    (the LM built without passages answered as well with the scene's description in front as without it).
-    AdamW (weight decay 0.1), 50 warm-up steps, cosine to 0.1 x lr, gradient clipping at 1. Then lm_metrics on the
-    val split; an LM whose
-    greedy answers are well-formed less than `gate` of the time is refused (its format is not learnt). Writes the
-    LM (HF LLaMA layout) with the tokenizer (from `tokenizer`; the shipped one by default) and pretraining.json.
-    The shipped assets/tiny-lm came from `python bench/tiny_base.py lm` (this function with its defaults)."""
+    synthetic train split (seed 0, `others` as train.py's) in data.MIX's template i % 4, the image slot holding the
+    scene's passage in half of them and nothing in the rest (text_sample), every token supervised, the passage's too
+    (questions, answers, captions, the templates' fixed text). The passage is what makes it a reader: a real LLM
+    answers from what its context says, and LLaVA's alignment stage, which trains only a projector into the frozen
+    LLM, relies on that; an LM that never had to read its context has no circuit for a projector to use (the LM
+    built without passages answered as well with the scene's description in front as without it). AdamW (weight
+    decay 0.1), 50 warm-up steps, cosine to 0.1 x lr, gradient clipping at 1. Then lm_metrics on the val split; an
+    LM whose greedy answers are well-formed less than `gate` of the time is refused (its format is not learnt).
+    Writes the LM (HF LLaMA layout) with the tokenizer (from `tokenizer`; the shipped one by default) and
+    pretraining.json. The shipped assets/tiny-lm came from `python bench/tiny_base.py lm` (this function with its
+    defaults)."""
     t0 = time.time()
     tok = Tokenizer.from_pretrained(tokenizer)
     pad = data.pad_id_of(tok)

@@ -4,7 +4,6 @@ and the scorer counts exact matches per detail size."""
 import json
 import os
 import sys
-from importlib import import_module
 
 import pytest
 import torch
@@ -165,10 +164,7 @@ def test_probe_fits_separable_classes_and_pools_what_the_lm_reads(grid):
     assert predict(x[60:]).eq(y[60:]).all()
     out, _ = grid
     for key, model in (("llava", "llava"), ("pheye", "pheye")):
-        ckpt = os.path.join(out, "runs", f"{key}-seed1", "ckpt")
-        file, cls_name, _ = train.MODELS[model]
-        net = getattr(import_module(file), cls_name).load(ckpt).eval()
-        tok = Tokenizer.from_pretrained(ckpt)
+        net, tok = miniature.load_run(os.path.join(out, "runs", f"{key}-seed1"), model)
         feats, answers, sizes = probe.pooled_features(net, model, tok, "test", 4, batch_size=3)
         ds = data.SyntheticDataset(tok, n=4, split="test", seed=miniature.TEST_SEED, image_size=net.config.image_size,
                                    others=0.0)
