@@ -253,7 +253,7 @@ def s2_vit_calls(resolution, tile=336):
 
 # hire.HIREConfig's enricher fields (the paper gives only "5 stages", "5 JBU layers" and ~0.25 M parameters)
 ENRICHER = SimpleNamespace(unet_widths=(16, 32, 64, 64, 64), guide_dim=32, jbu_layers=5, jbu_radius=3,
-                           jbu_key_dim=32, jbu_sizes="decoder")
+                           jbu_key_dim=32, jbu_sizes="decoder", enricher_stride=1)
 
 
 def conv(hw, c_in, c_out, k=1):
@@ -261,17 +261,17 @@ def conv(hw, c_in, c_out, k=1):
     return Cost(mac=hw * c_in * c_out * k * k)
 
 
-def unet(S, widths, guide_dim):
+def unet(S, widths, guide_dim, stride=1):
     """U of Eq. (2) as hire.UNet: one 3x3 conv (+ReLU) per encoder stage at S/2^s (max-pool between stages), a
     1x1 bottleneck to the guidance width G, then per decoder stage a bilinear upsample (fvcore: 4 per output
-    element), concatenation with the skip and one 3x3 conv back to G."""
+    element), concatenation with the skip and one 3x3 conv back to G; the decoder up to S/stride."""
     cost, c_in = Cost(), 3
     for s, w in enumerate(widths):
         cost += conv((S >> s) ** 2, c_in, w, 3)
         c_in = w
     last = len(widths) - 1
     cost += conv((S >> last) ** 2, widths[-1], guide_dim)
-    for s in range(last - 1, -1, -1):
+    for s in range(last - 1, stride.bit_length() - 2, -1):
         hw = (S >> s) ** 2
         cost += Cost(fv_extra=4 * hw * guide_dim) + conv(hw, guide_dim + widths[s], guide_dim, 3)
     return cost
@@ -332,12 +332,12 @@ def jbu_response(grid, sizes, radius):
 
 
 def jbu_sizes(S, grid, e):
-    """Output side of each JBU layer: the UNet decoder's S/2^(layers-k) (hire.py's default, the paper's reading)
-    or FeatUp's doubling grid * 2^k."""
+    """Output side of each JBU layer: the UNet decoder's S/stride/2^(layers-k) (hire.py's default, the paper's
+    reading) or FeatUp's doubling grid * 2^k."""
     n = e.jbu_layers
     if getattr(e, "jbu_sizes", "decoder") == "doubling":
         return [grid << k for k in range(1, n + 1)]
-    return [S >> (n - k) for k in range(1, n + 1)]
+    return [S // getattr(e, "enricher_stride", 1) >> (n - k) for k in range(1, n + 1)]
 
 
 def hire_enricher(S, grid, d, e=ENRICHER, path="basis"):
@@ -347,7 +347,7 @@ def hire_enricher(S, grid, d, e=ENRICHER, path="basis"):
     grid^2 x grid^2 matrix and mixes the channels with one einsum (d x grid^2 x grid^2); "direct" pushes the d
     channels through every layer at full size, then pools (fvcore: 1 per pooled input element)."""
     sizes = jbu_sizes(S, grid, e)
-    cost = unet(S, e.unet_widths, e.guide_dim)
+    cost = unet(S, e.unet_widths, e.guide_dim, getattr(e, "enricher_stride", 1))
     for side in sizes:
         cost += jbu_kernel(side * side, e.guide_dim, e.jbu_key_dim, e.jbu_radius)
     if path == "direct":

@@ -110,8 +110,8 @@ def tiny(repeats, n_questions=200, batch=8, steps=10):
         torch.manual_seed(0)
         cfg = hire.HIREConfig.preset("tiny")
         cfg.enricher, cfg.vit_path, cfg.llm_path, cfg.jbu_dropout = name, vit_dir, lm_dir, 0.0
-        px = cfg.image_size if name != "s2" else max(cfg.s2_scales)
-        models[f"{label} ({px} px)"] = hire.HIRE.from_pretrained(cfg)
+        m = hire.HIRE.from_pretrained(cfg)
+        models[f"{label} ({m.config.image_size} px)"] = m
     # the same 200 questions, rendered at each model's input size once (data loading is not model time)
     answers = {}
     for k, m in models.items():

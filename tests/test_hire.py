@@ -16,7 +16,7 @@ from llm import splice_image
 def small_enricher_config(**kw):
     """The paper's structure (5 UNet stages, JBU layers) at widths that run in milliseconds."""
     base = dict(unet_widths=[4, 4, 8, 8, 8], guide_dim=6, jbu_key_dim=5, jbu_radius=2, jbu_layers=3, jbu_chunk=3,
-                jbu_dropout=0.0)
+                jbu_dropout=0.0, enricher_stride=1)
     base.update(kw)
     return dataclasses.replace(hire.HIREConfig.preset("tiny"), **base)
 
@@ -130,14 +130,16 @@ def test_five_layer_stack_pools_back_to_24(sizes):
         assert out.shape == (1, 2, 24, 24)
 
 
-@pytest.mark.parametrize("sizes,S,g,layers", [("decoder", 32, 2, 3), ("doubling", 32, 2, 3), ("decoder", 112, 4, 5)])
-def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers):
+@pytest.mark.parametrize("sizes,S,g,layers,stride", [("decoder", 32, 2, 3, 1), ("doubling", 32, 2, 3, 1),
+                                                     ("decoder", 112, 4, 5, 1), ("decoder", 64, 2, 3, 2)])
+def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers, stride):
     """pool(J(E)) three ways: naive (unfold/einsum JBU layers at full size, then pool), direct (fused layers, channel
     chunks), basis (the pool pulled back through J block by block into M, then E @ M). Forward and parameter
-    gradients. The last case has CLIP-L at 672's geometry in small (grid 4, layers at 7, 14, 28, 56, 112: the first
-    two not multiples of the grid, so blocks' windows there are unevenly spaced)."""
+    gradients. The third case has CLIP-L at 672's geometry in small (grid 4, layers at 7, 14, 28, 56, 112: the first
+    two not multiples of the grid, so blocks' windows there are unevenly spaced); the last the tiny preset's stride
+    (the stack ends at S/2)."""
     torch.manual_seed(0)
-    enr = hire.Enricher(small_enricher_config(jbu_sizes=sizes, jbu_layers=layers))
+    enr = hire.Enricher(small_enricher_config(jbu_sizes=sizes, jbu_layers=layers, enricher_stride=stride))
     image, feats = torch.randn(2, 3, S, S), torch.randn(2, 6, g, g)
 
     def naive():
@@ -212,6 +214,42 @@ def test_enricher_parameter_count_tiny():
     jbu = 4 * ((4 * 4 + 4) + (4 * 4 + 4) + (13 * 9 + 9) + (9 * 9 + 9) + 2)  # range G->K->K, fix-up G+9->9->9, 2 scalars
     assert (down, bottleneck, up, jbu) == (1596, 36, 1384, 1032)
     assert n == down + bottleneck + up + jbu == 4048
+
+
+def test_unet_stride_leaves_out_the_finest_decoder_stages():
+    """A UNet with stride 2 or 4 is the full one without its finest decoder stages: with the full one's weights its
+    guides are the full one's first ones. Bad strides and too many JBU layers for the maps left are errors."""
+    torch.manual_seed(0)
+    full = hire.UNet([2, 4, 8, 8, 8], 4)
+    image = torch.randn(2, 3, 64, 64)
+    guides = full(image)
+    assert [g.shape[-1] for g in guides] == [4, 8, 16, 32, 64]
+    for stride, n in ((2, 4), (4, 3)):
+        part = hire.UNet([2, 4, 8, 8, 8], 4, stride)
+        missing, unexpected = part.load_state_dict(full.state_dict(), strict=False)
+        assert not missing and unexpected == [f"up.{i}.0.{p}" for i in range(n - 1, 4) for p in ("weight", "bias")]
+        out = part(image)
+        assert len(out) == n
+        for a, b in zip(out, guides):
+            assert torch.equal(a, b)
+    for stride in (0, 3, 16):
+        with pytest.raises(ValueError, match=f"enricher_stride={stride}"):
+            hire.UNet([2, 4, 8, 8, 8], 4, stride)
+    with pytest.raises(ValueError, match="jbu_layers=5 needs as many UNet decoder maps \\(4"):
+        hire.Enricher(small_enricher_config(jbu_layers=5, enricher_stride=2))
+
+
+def test_max_pool2_equals_max_pool2d_values_and_relu_gradients():
+    """The UNet's pooling: max_pool2d's values at even and odd sizes, and its gradients through the ReLU before it,
+    ties of zeros included (two thirds of the inputs are zeros)."""
+    torch.manual_seed(0)
+    for shape in ((2, 3, 8, 10), (1, 2, 7, 9)):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, dtype=torch.float64)
+        outs = [pool(F.relu(x - 0.4)) for pool in (hire.max_pool2, lambda t: F.max_pool2d(t, 2))]
+        assert torch.equal(outs[0], outs[1])
+        grads = [torch.autograd.grad((o * w).sum(), x)[0] for o in outs]
+        assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- S2
