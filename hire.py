@@ -79,19 +79,17 @@ class HIREConfig:
             "qwen": lambda: HIREConfig(llm=qwen7b),
             # the tiny sizes every model shares: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
             # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
-            # 1 px of 128), and 4 JBU layers, not 5, taking E(i) (8 x 8) to 128 = the input size, as Eq. (1) says
-            # ("up to the original image size"). Widths: the paper's / 8, as the tiny ViT's 128 is CLIP-L's 1024 / 8
-            # (UNet 2 ... 8, guide and keys 4): 4048 parameters, 14.9 M multiply-adds per image (flops.py; UNet 6.9 M,
-            # kernels 5.8 M). Half widths (0.050 M, 123 M, 100 M of it the UNet's 3x3 convs at 128^2) cost as much
-            # as the tiny LLaVA-1.5's whole first token (120 M): answering took 2.35x LLaVA-1.5's time and a training
-            # step 1.35x S2's. Now 1.8x and 0.84x (bench/bench_hire.py --part=tiny, 1 thread; S2 answers at 3.8x):
-            # the rest is per-pixel work at 128^2 that narrower widths do not remove (the 9-tap kernels' elementwise
-            # passes, pooling, resizing; at widths [1, 2, 4, 4, 4] and 2 the enricher still takes half LLaVA-1.5's
-            # answering time). The two readings of the stack's sizes agree here: the 4 finest decoder maps (S/8 ... S =
-            # 16 ... 128) are 8 * 2^k
+            # 1 px of 128), widths the paper's / 8, as the tiny ViT's 128 is CLIP-L's 1024 / 8 (UNet 2 ... 8, guide
+            # and keys 4), and near the paper's share of the ViT's cost: its enricher is 9.5% of CLIP-L/336's
+            # multiply-adds (17.4 of 183 G, flops.py). A stack up to 128 px (4 JBU layers, x_en at the image size as
+            # Eq. (1) says) was 34% of the tiny ViT's (14.9 of 43.2 M) and answered in 1.8x LLaVA-1.5's time, against
+            # the paper's +0.1%. So the tiny stack stops at S/2 = 64: 3 JBU layers, 8 -> 16 -> 32 -> 64, guided by
+            # the decoder's S/8 ... S/2; the UNet still reads the 128-px image in its first stage. 5.9 M per image,
+            # 14% of the ViT's (flops.py), 3570 parameters. The two readings of the stack's sizes agree here: the
+            # decoder's 16 ... 64 are 8 * 2^k
             "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
                                        s2_scales=[64, 128, 192], unet_widths=[2, 4, 8, 8, 8], guide_dim=4,
-                                       jbu_layers=4, jbu_radius=1, jbu_key_dim=4),
+                                       jbu_layers=3, jbu_radius=1, jbu_key_dim=4, enricher_stride=2),
         }
         if name not in presets:
             raise ValueError(f"unknown HIRE preset {name!r}; choose from {sorted(presets)}")

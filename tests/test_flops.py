@@ -77,24 +77,29 @@ def test_hire_enricher_cost_is_tables_at_the_decoder_sizes():
 
 
 def test_tiny_hire_enricher_cost_by_hand():
-    """The tiny preset's enricher per 128-px image, counted by hand: 14.88 M multiply-adds (the half widths it had
-    before cost 123.4 M, as much as the tiny LLaVA-1.5's whole first token)."""
-    c = HIREConfig.preset("tiny")  # UNet 2, 4, 8, 8, 8; guide 4; keys 4; 3x3 taps; JBU at 16, 32, 64, 128
+    """The tiny preset's enricher per 128-px image, counted by hand: 5.86 M multiply-adds, 13.6% of the tiny ViT's
+    43.2 M (the paper's is 9.5% of CLIP-L/336's). Its stack up to 128 px cost 14.88 M, its half widths before that
+    123.4 M."""
+    c = HIREConfig.preset("tiny")  # UNet 2, 4, 8, 8, 8; guide 4; keys 4; 3x3 taps; decoder and JBU at 16, 32, 64
     px = [128 ** 2, 64 ** 2, 32 ** 2, 16 ** 2, 8 ** 2]
     down = px[0] * 3 * 2 * 9 + px[1] * 2 * 4 * 9 + px[2] * 4 * 8 * 9 + px[3] * 8 * 8 * 9 + px[4] * 8 * 8 * 9
-    up = px[4] * 8 * 4 + px[3] * 12 * 4 * 9 + px[2] * 12 * 4 * 9 + px[1] * 8 * 4 * 9 + px[0] * 6 * 4 * 9
+    up = px[4] * 8 * 4 + px[3] * 12 * 4 * 9 + px[2] * 12 * 4 * 9 + px[1] * 8 * 4 * 9  # no stage at 128 (stride 2)
     unet = down + up
-    assert unet == 6_932_480 == flops.unet(128, c.unet_widths, c.guide_dim).macs
+    assert unet == 3_393_536 == flops.unet(128, c.unet_widths, c.guide_dim, c.enricher_stride).macs
     # per output pixel of each layer: range 4->4->4, key . 9 neighbours, fix-up 13->9->9
-    kernels = sum(px[:4]) * (4 * 4 + 4 * 4 + 4 * 9 + 13 * 9 + 9 * 9)
-    assert kernels == 5_788_160
-    # the pool pulled back through the 4 layers (64 blocks; windows 16, 12, 10, 10 wide on the outputs, 12, 10, 10, 9
-    # on the inputs, each padded by 1 tap): kernel x weights scattered back, then the two axis einsums
-    win = [(16, 12), (12, 10), (10, 10), (10, 9)]
+    kernels = sum(px[1:4]) * (4 * 4 + 4 * 4 + 4 * 9 + 13 * 9 + 9 * 9)
+    assert kernels == 1_430_016
+    # the pool pulled back through the 3 layers (64 blocks; windows 8, 8, 8 wide on the outputs, 8, 8, 9 on the
+    # inputs, each padded by 1 tap): kernel x weights scattered back, then the two axis einsums
+    win = [(8, 8), (8, 8), (8, 9)]
     response = sum(64 * 9 * L * L * 2 + 64 * Li * (L + 2) ** 2 + 64 * Li * (L + 2) * Li for L, Li in win)
-    assert response == 1_635_072 == flops.jbu_response(8, [16, 32, 64, 128], 1).macs
+    assert response == 514_944 == flops.jbu_response(8, [16, 32, 64], 1).macs
     mix = 64 * 64 * 128  # M (64 x 64) times E(i)'s 128 channels
-    assert flops.hire_enricher(128, 8, 128, c).macs == unet + kernels + response + mix == 14_880_000
+    assert flops.hire_enricher(128, 8, 128, c).macs == unet + kernels + response + mix == 5_862_784
+    vit = flops.vit(ViTConfig.preset("tiny"), layer=-2).macs
+    assert round(5_862_784 / vit, 3) == 0.136
+    paper = flops.hire_enricher(672, 24, 1024).macs / flops.vit(ViTConfig.preset("clip-vit-l-14-336"), layer=-2).macs
+    assert round(paper, 3) == 0.095
 
 
 def test_adaptive_convolution_cost():

@@ -160,17 +160,18 @@ def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers, str
 
 
 def test_tiny_preset_sizes_agree_under_both_readings():
-    """The tiny preset's 4 JBU layers take E(i) (8 x 8) to the 128-px input: the decoder's S/8 ... S are 8 * 2^k, so
-    the paper's reading and FeatUp's doubling give the same layers, and the same output."""
+    """The tiny preset's 3 JBU layers take E(i) (8 x 8) to half the 128-px input (enricher_stride 2): the decoder's
+    S/8 ... S/2 are 8 * 2^k, so the paper's reading and FeatUp's doubling give the same layers, and the same output."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(hire.HIREConfig.preset("tiny"), jbu_dropout=0.0)
     enr = hire.Enricher(cfg).eval()
     image, feats = torch.randn(1, 3, 128, 128), torch.randn(1, 64, 8, 8)
     with torch.no_grad():
-        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64, 128]
+        assert [g.shape[-1] for g in enr.unet(image)] == [8, 16, 32, 64]
+        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64]
         out = enr(image, feats)
         enr.sizes = "doubling"
-        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64, 128]
+        assert [k.shape[-1] for k in enr.kernels(image, (8, 8))] == [16, 32, 64]
         torch.testing.assert_close(enr(image, feats), out, rtol=1e-5, atol=1e-6)
 
 
@@ -203,17 +204,18 @@ def test_enricher_parameter_count_clip_l():
 
 
 def test_enricher_parameter_count_tiny():
-    """The tiny preset's enricher, by hand: the paper's widths / 8 (UNet 2, 4, 8, 8, 8; guide and keys 4; 3x3 taps)."""
+    """The tiny preset's enricher, by hand: the paper's widths / 8 (UNet 2, 4, 8, 8, 8; guide and keys 4; 3x3 taps),
+    the decoder and 3 JBU layers up to S/2."""
     cfg = hire.HIREConfig.preset("tiny")
-    assert (cfg.unet_widths, cfg.guide_dim, cfg.jbu_key_dim, cfg.jbu_radius, cfg.jbu_layers) == ([2, 4, 8, 8, 8], 4,
-                                                                                                  4, 1, 4)
+    assert (cfg.unet_widths, cfg.guide_dim, cfg.jbu_key_dim, cfg.jbu_radius, cfg.jbu_layers,
+            cfg.enricher_stride) == ([2, 4, 8, 8, 8], 4, 4, 1, 3, 2)
     n = sum(p.numel() for p in hire.Enricher(cfg).parameters())
     down = (3 * 2 * 9 + 2) + (2 * 4 * 9 + 4) + (4 * 8 * 9 + 8) + 2 * (8 * 8 * 9 + 8)  # 56 + 76 + 296 + 584 + 584
     bottleneck = 8 * 4 + 4
-    up = (6 * 4 * 9 + 4) + (8 * 4 * 9 + 4) + 2 * (12 * 4 * 9 + 4)  # guide 4 + skips 2, 4, 8, 8
-    jbu = 4 * ((4 * 4 + 4) + (4 * 4 + 4) + (13 * 9 + 9) + (9 * 9 + 9) + 2)  # range G->K->K, fix-up G+9->9->9, 2 scalars
-    assert (down, bottleneck, up, jbu) == (1596, 36, 1384, 1032)
-    assert n == down + bottleneck + up + jbu == 4048
+    up = (8 * 4 * 9 + 4) + 2 * (12 * 4 * 9 + 4)  # guide 4 + skips 4, 8, 8 (none at S: the skip of width 2)
+    jbu = 3 * ((4 * 4 + 4) + (4 * 4 + 4) + (13 * 9 + 9) + (9 * 9 + 9) + 2)  # range G->K->K, fix-up G+9->9->9, 2 scalars
+    assert (down, bottleneck, up, jbu) == (1596, 36, 1164, 774)
+    assert n == down + bottleneck + up + jbu == 3570
 
 
 def test_unet_stride_leaves_out_the_finest_decoder_stages():
