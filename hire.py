@@ -58,8 +58,9 @@ class HIREConfig:
     # JBU output sizes: "decoder" = the UNet decoder's S/16 ... S (x_en at the image size, Eq. 1; the paper's
     # reading), "doubling" = FeatUp's 2x per layer from E(i) (24 -> 768 at any S). See Enricher.
     jbu_sizes: str = "decoder"
-    # x_en's side is S / enricher_stride: 1 = the image size, as Eq. (1) says (every paper preset). A power of two;
-    # the UNet decoder then stops at S / enricher_stride too. The tiny preset's 2: see there
+    # the UNet decoder stops at S / enricher_stride, and with jbu_sizes="decoder" so does x_en: 1 = the image size, as
+    # Eq. (1) says (every paper preset). A power of two. ("doubling" keeps its sizes, guided by the maps left.) The
+    # tiny preset's 2: see there
     enricher_stride: int = 1
 
     @staticmethod
@@ -78,16 +79,17 @@ class HIREConfig:
             "hire-1008": lambda: HIREConfig(image_size=1008),
             "qwen": lambda: HIREConfig(llm=qwen7b),
             # the tiny sizes every model shares: ViT 64 px, HIRE 128, S2 [64, 128, 192]. The enricher is scaled to the
-            # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is
-            # 1 px of 128), widths the paper's / 8, as the tiny ViT's 128 is CLIP-L's 1024 / 8 (UNet 2 ... 8, guide
-            # and keys 4), and near the paper's share of the ViT's cost: its enricher is 9.5% of CLIP-L/336's
+            # tiny image as the paper's is to 672 px: 3x3 kernels (FeatUp's 7 of 768 px is 0.9% of the side, so is 1
+            # px of 128), widths the paper's / 8, as the tiny ViT's 128 is CLIP-L's 1024 / 8 (UNet 2 ... 8, guide and
+            # keys 4), and near the paper's share of the ViT's cost: its enricher is 9.5% of CLIP-L/336's
             # multiply-adds (17.4 of 183 G, flops.py). A stack up to 128 px (4 JBU layers, x_en at the image size as
             # Eq. (1) says) was 34% of the tiny ViT's (14.9 of 43.2 M) and answered in 1.8x LLaVA-1.5's time, against
-            # the paper's +0.1%. So the tiny stack stops at S/2 = 64: 3 JBU layers, 8 -> 16 -> 32 -> 64, guided by
-            # the decoder's S/8 ... S/2; the UNet still reads the 128-px image in its first stage. 5.9 M per image,
-            # 14% of the ViT's (flops.py), 3570 parameters; answering takes 1.2-1.4x LLaVA-1.5's time, a training
-            # step 0.56-0.58x S2's (bench/bench_hire.py --part=tiny, 1 thread; the README's notes on HIRE). The two
-            # readings of the stack's sizes agree here: the decoder's 16 ... 64 are 8 * 2^k
+            # the paper's +0.1% (Sec. 3, TextVQA inference). So the tiny stack stops at S/2 = 64: 3 JBU layers,
+            # 8 -> 16 -> 32 -> 64, guided by the decoder's S/8 ... S/2; the UNet still reads the 128-px image in its
+            # first stage. 5.9 M per image, 14% of the ViT's (flops.py), 3570 parameters; answering takes 1.2-1.4x
+            # LLaVA-1.5's time, a training step 0.56-0.58x S2's (bench/bench_hire.py --part=tiny, 1 thread; the
+            # README's notes on HIRE). The two readings of the stack's sizes agree here: the decoder's 16 ... 64 are
+            # 8 * 2^k
             "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
                                        s2_scales=[64, 128, 192], unet_widths=[2, 4, 8, 8, 8], guide_dim=4,
                                        jbu_layers=3, jbu_radius=1, jbu_key_dim=4, enricher_stride=2),
@@ -104,8 +106,9 @@ class HIREConfig:
 # ----------------------------------------------------------------------------- the HIRE enricher
 def max_pool2(x):
     """F.max_pool2d(x, 2) as the maximum of the four strided quarters: the same values, 9x faster on this CPU (8 x 2 x
-    128^2: 0.14 vs 1.26 ms). Ties split the gradient where max_pool2d gives it to one input; the UNet pools ReLU
-    outputs only, whose ties are zeros, and ReLU's backward drops the gradient at zero either way."""
+    128^2: 0.14 vs 1.26 ms). Ties split the gradient where max_pool2d gives it all to one input. The UNet pools ReLU
+    outputs: tied zeros get no gradient through ReLU either way, and tied positive values (flat image regions) come
+    from equal inputs, so the parameters' gradients agree; the gradient on the image itself may be spread."""
     x = x[..., :x.shape[-2] // 2 * 2, :x.shape[-1] // 2 * 2]
     return torch.maximum(torch.maximum(x[..., ::2, ::2], x[..., 1::2, ::2]),
                          torch.maximum(x[..., ::2, 1::2], x[..., 1::2, 1::2]))
@@ -122,8 +125,8 @@ class UNet(nn.Module):
 
     def __init__(self, widths: list[int], guide_dim: int, stride: int = 1):
         super().__init__()
-        if stride < 1 or stride & (stride - 1) or stride >= 1 << (len(widths) - 1):
-            raise ValueError(f"enricher_stride={stride}: expected a power of two below {1 << (len(widths) - 1)} "
+        if stride < 1 or stride & (stride - 1) or stride > 1 << (len(widths) - 1):
+            raise ValueError(f"enricher_stride={stride}: expected a power of two, at most {1 << (len(widths) - 1)} "
                              f"(the UNet's coarsest stage is S/{1 << (len(widths) - 1)})")
         chans = [3] + list(widths)
         # in-place ReLUs: a fresh map fewer per stage (on this machine a fresh page costs up to 3 us on first touch)
@@ -419,7 +422,8 @@ class JBU(nn.Module):
         sim = FusedNeighbourSimilarity.apply(F.pad(q, [r] * 4, mode="reflect"), r)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         # the joint bilateral kernel, summing to one. FeatUp: softmax(temp * sim) times the spatial Gaussian g,
-        # divided by its sum (clamped at 1e-7); that is softmax(temp * sim + log g), one pass over the taps, not four
+        # divided by its sum clamped at 1e-7; that is softmax(temp * sim + log g), one pass over the taps, not four
+        # (the same unless the clamp acts: a sum below 1e-7 needs sigma_spatial far below its initial 1)
         k = F.softmax(torch.addcmul(self.spatial_logits().view(1, -1, 1, 1).to(sim.dtype), temp, sim), dim=1)
         if fixup:
             k = torch.add(k, self.fixup_proj(torch.cat([k, guide], dim=1)), alpha=0.1)  # k + 0.1 fixup
@@ -438,7 +442,7 @@ class Enricher(nn.Module):
     jbu_sizes="decoder" (the paper's reading, default): each layer outputs at its guide's size, S/16 ... S, so x_en
     is at the image size, as Eq. (1) says and Sec. 2.2's decoder "back to 672x672" implies (CLIP-L at 672:
     24 -> 42 -> 84 -> 168 -> 336 -> 672); Table 1's enricher cost agrees (flops.py). With enricher_stride the
-    decoder and the stack end at S/stride (the tiny preset's 64 of 128). jbu_sizes="doubling" (FeatUp's
+    decoder, and this stack, end at S/stride (the tiny preset's 64 of 128). jbu_sizes="doubling" (FeatUp's
     JBUStack): each layer doubles, 24 -> 768 at every input size, with its guide resized to that size by adaptive
     average pooling as FeatUp's JBUStack does. FeatUp ends its stack with a residual 1x1 conv over the C channels;
     we leave it out: after pooling it is a CxC linear map that the projector's first Linear already spans, and at

@@ -220,7 +220,8 @@ def test_enricher_parameter_count_tiny():
 
 def test_unet_stride_leaves_out_the_finest_decoder_stages():
     """A UNet with stride 2 or 4 is the full one without its finest decoder stages: with the full one's weights its
-    guides are the full one's first ones. Bad strides and too many JBU layers for the maps left are errors."""
+    guides are the full one's first ones, down to the bottleneck's map alone. Bad strides and too many JBU layers for
+    the maps left are errors; a config without the field (an older checkpoint's) builds the full UNet."""
     torch.manual_seed(0)
     full = hire.UNet([2, 4, 8, 8, 8], 4)
     image = torch.randn(2, 3, 64, 64)
@@ -234,11 +235,19 @@ def test_unet_stride_leaves_out_the_finest_decoder_stages():
         assert len(out) == n
         for a, b in zip(out, guides):
             assert torch.equal(a, b)
-    for stride in (0, 3, 16):
+    coarsest = hire.UNet([2, 4, 8, 8, 8], 4, 16)  # the bottleneck's map alone
+    coarsest.load_state_dict(full.state_dict(), strict=False)
+    assert len(coarsest.up) == 0 and torch.equal(coarsest(image)[0], guides[0])
+    assert len(hire.UNet([8], 4).up) == 0  # one stage: its bottleneck is the only map
+    for stride in (0, 3, 32):
         with pytest.raises(ValueError, match=f"enricher_stride={stride}"):
             hire.UNet([2, 4, 8, 8, 8], 4, stride)
     with pytest.raises(ValueError, match="jbu_layers=5 needs as many UNet decoder maps \\(4"):
         hire.Enricher(small_enricher_config(jbu_layers=5, enricher_stride=2))
+    old = dataclasses.asdict(hire.HIREConfig.preset("tiny"))
+    del old["enricher_stride"]
+    old["jbu_layers"] = 4
+    assert len(hire.Enricher(hire.HIREConfig.from_dict(old)).unet.up) == 4
 
 
 def test_max_pool2_equals_max_pool2d_values_and_relu_gradients():
