@@ -335,9 +335,9 @@ def jbu_sizes(S, grid, e):
     """Output side of each JBU layer: the UNet decoder's S/stride/2^(layers-k) (hire.py's default, the paper's
     reading) or FeatUp's doubling grid * 2^k."""
     n = e.jbu_layers
-    if getattr(e, "jbu_sizes", "decoder") == "doubling":
+    if e.jbu_sizes == "doubling":
         return [grid << k for k in range(1, n + 1)]
-    return [S // getattr(e, "enricher_stride", 1) >> (n - k) for k in range(1, n + 1)]
+    return [S // e.enricher_stride >> (n - k) for k in range(1, n + 1)]
 
 
 def hire_enricher(S, grid, d, e=ENRICHER, path="basis"):
@@ -347,7 +347,7 @@ def hire_enricher(S, grid, d, e=ENRICHER, path="basis"):
     grid^2 x grid^2 matrix and mixes the channels with one einsum (d x grid^2 x grid^2); "direct" pushes the d
     channels through every layer at full size, then pools (fvcore: 1 per pooled input element)."""
     sizes = jbu_sizes(S, grid, e)
-    cost = unet(S, e.unet_widths, e.guide_dim, getattr(e, "enricher_stride", 1))
+    cost = unet(S, e.unet_widths, e.guide_dim, e.enricher_stride)
     for side in sizes:
         cost += jbu_kernel(side * side, e.guide_dim, e.jbu_key_dim, e.jbu_radius)
     if path == "direct":

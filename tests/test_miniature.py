@@ -168,8 +168,8 @@ def test_probe_fits_separable_classes_and_pools_what_the_lm_reads(grid):
         feats, answers, sizes = probe.pooled_features(net, model, tok, "test", 4, batch_size=3)
         ds = data.SyntheticDataset(tok, n=4, split="test", seed=miniature.TEST_SEED, image_size=net.config.image_size,
                                    others=0.0)
-        with torch.no_grad():
-            t = probe.visual_tokens(net, model, ds[3][0][None])[0]
+        with torch.no_grad():  # what the LM reads: encode_image for Pheye, the projector's output otherwise
+            t = (net.encode_image if model == "pheye" else net.encode_images)(ds[3][0][None])[0]
         assert torch.allclose(feats[3], torch.cat([t.mean(0), t.amax(0)]), atol=1e-5)
         assert answers[3] == ds.record(3)["conversations"][1]["value"] and sizes == ["large", "medium", "small",
                                                                                       "large"]
