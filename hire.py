@@ -86,8 +86,8 @@ class HIREConfig:
             # Eq. (1) says) was 34% of the tiny ViT's (14.9 of 43.2 M) and answered in 1.8x LLaVA-1.5's time, against
             # the paper's +0.1% (Sec. 3, TextVQA inference). So the tiny stack stops at S/2 = 64: 3 JBU layers,
             # 8 -> 16 -> 32 -> 64, guided by the decoder's S/8 ... S/2; the UNet still reads the 128-px image in its
-            # first stage. 5.9 M per image, 14% of the ViT's (flops.py), 3570 parameters; answering takes 1.2-1.4x
-            # LLaVA-1.5's time, a training step 0.56-0.58x S2's (bench/bench_hire.py --part=tiny, 1 thread; the
+            # first stage. 5.9 M per image, 14% of the ViT's (flops.py), 3570 parameters; answering takes 1.18-1.24x
+            # LLaVA-1.5's time, a training step 0.54-0.58x S2's (bench/bench_hire.py --part=tiny, 1 thread; the
             # README's notes on HIRE). The two readings of the stack's sizes agree here: the decoder's 16 ... 64 are
             # 8 * 2^k
             "tiny": lambda: HIREConfig(vit=ViTConfig.preset("tiny"), llm=LLMConfig.preset("tiny"), image_size=128,
@@ -143,7 +143,8 @@ class UNet(nn.Module):
         # from its channel blocks of 8 or 16, most of the work at 2-8 channels (tiny preset, batch 8: forward 6.4 ->
         # 5.0 ms, with backward 25.6 -> 21.1). From 16 channels up (the paper's widths) NCHW is faster (at 672:
         # channels-last 1.11x slower, with backward 1.08x). Same maths, other rounding. The guides leave as NCHW maps.
-        skips, x = [], image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
+        cl = self.channels_last and image.device.type == "cpu"  # measured with oneDNN; on a GPU cuDNN chooses
+        skips, x = [], image.contiguous(memory_format=torch.channels_last) if cl else image
         for i, stage in enumerate(self.down):
             x = stage(x if i == 0 else max_pool2(x))
             skips.append(x)
@@ -529,7 +530,7 @@ class Enricher(nn.Module):
             wt = torch.einsum("nyxib,xbj->nyxij", wt, Ax.to(z))  # (B, h, w, Ly, Lx) on layer i's input
         src, dst = place_windows(h, w, ys, xs, Ly, Lx, wt.device)  # each block's window on E(i)'s grid
         M = wt.new_zeros(wt.shape[0], h * w * h * w)
-        M[:, dst] = wt.flatten(1)[:, src]
+        M[:, dst] = wt.flatten(1).index_select(1, src)  # (index_select: its backward is an index_add)
         return M.view(-1, h * w, h * w)
 
     def forward(self, image, feats, path="basis"):

@@ -15,10 +15,11 @@ generates the same tokens' worth), and an alignment-stage training step (forward
 Every variant runs once per round, the rounds interleaved (fair under shared load); medians over the rounds with
 their min-max, wall time and this process's CPU time (steadier on a shared machine: waiting for a core is not
 counted). Peak memory is the rise of the resident high-water mark over a call (Linux clear_refs); 0 where the
-call fits in memory that earlier rounds left with the process.
+call fits in memory that earlier rounds left with the process. Faults: minor page faults per call, median (min-max).
 """
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -35,29 +36,32 @@ from common import peak_rss  # noqa: E402  (bench/, this script's folder)
 
 
 def rounds(fns, n, warmup=1, memory=False):
-    """{name: (wall list, cpu list, peak MiB)} over n interleaved rounds of every fn, after `warmup` rounds."""
-    out = {k: ([], [], 0.0) for k in fns}
+    """{name: (wall list, cpu list, peak MiB, minor page faults list)} over n interleaved rounds of every fn, after
+    `warmup` rounds."""
+    out = {k: ([], [], 0.0, []) for k in fns}
     for r in range(warmup + n):
         for k, fn in fns.items():
             with peak_rss() as mem:
-                t, c = time.perf_counter(), time.process_time()
+                t, c, f = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 fn()
                 wall, cpu = time.perf_counter() - t, time.process_time() - c
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
             if r >= warmup:
-                out[k][0].append(wall)
-                out[k][1].append(cpu)
-                out[k] = (out[k][0], out[k][1], max(out[k][2], mem["peak"] if memory else 0.0))
+                wl, cl, peak, fl = out[k]
+                out[k] = (wl + [wall], cl + [cpu], max(peak, mem["peak"] if memory else 0.0), fl + [faults])
     return out
 
 
 def table(res, base=None, unit="s"):
-    """Median (min-max) wall and CPU per row, and the CPU ratio to row `base`."""
-    print(f"{'':46s} {'wall ' + unit:>20s} {'cpu ' + unit:>20s} {'peak MiB':>9s} {'cpu ratio':>9s}")
+    """Median (min-max) wall and CPU per row, the CPU ratio to row `base`, and the minor page faults per call, median
+    (min-max): fresh memory the kernel maps in, up to ~3 us each on this VM."""
+    print(f"{'':46s} {'wall ' + unit:>20s} {'cpu ' + unit:>20s} {'peak MiB':>9s} {'cpu ratio':>9s} {'faults':>20s}")
     med = {k: statistics.median(v[1]) for k, v in res.items()}
-    for k, (wall, cpu, peak) in res.items():
+    for k, (wall, cpu, peak, faults) in res.items():
         spread = lambda v: f"{statistics.median(v):7.3f} ({min(v):.2f}-{max(v):.2f})"
         ratio = f"x{med[k] / med[base]:.2f}" if base else ""
-        print(f"{k:46s} {spread(wall):>20s} {spread(cpu):>20s} {peak:9.0f} {ratio:>9s}")
+        print(f"{k:46s} {spread(wall):>20s} {spread(cpu):>20s} {peak:9.0f} {ratio:>9s} "
+              f"{f'{statistics.median(faults):.0f} ({min(faults)}-{max(faults)})':>20s}")
     return med
 
 
