@@ -342,6 +342,7 @@ def upsample_matrix(n_in, n_out, radius):
 
 
 @functools.lru_cache(maxsize=128)
+@torch.inference_mode(False)  # cached: made while answering, it must still be savable for a training backward
 def pull_back_axis(n_in, n_out, radius, starts, length):
     """One axis of one JBU layer, backwards. Block c's weights cover the padded upsampled map on [starts[c],
     + length) (padded coordinates). Returns (A (cells, length, L) fp64, the blocks' input windows' starts, L):
@@ -387,6 +388,7 @@ def windows(t, starts_y, starts_x, Ly, Lx):
 
 
 @functools.lru_cache(maxsize=128)
+@torch.inference_mode(False)  # cached: made while answering, it must still be savable for a training backward
 def place_windows(h, w, starts_y, starts_x, Ly, Lx, device):
     """Where the windows' weights (h, w, Ly, Lx) go in M (h*w, h*w): (source, destination) flat indices of the
     window cells that fall on E(i)'s h x w grid. Cells outside it carry no weight (the zero columns of

@@ -159,6 +159,21 @@ def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers, str
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_cached_geometry_made_under_inference_mode_still_trains():
+    """The windows' geometry is cached by size (pull_back_axis, place_windows). Made first under
+    torch.inference_mode() (answering), it must not be an inference tensor that a later training step cannot save for
+    backward. Sizes no other test uses, so the cache is cold."""
+    torch.manual_seed(0)
+    enr = hire.Enricher(small_enricher_config(jbu_layers=3))
+    image, feats = torch.randn(1, 3, 48, 48), torch.randn(1, 6, 3, 3)
+    with torch.inference_mode():
+        answered = enr(image, feats)
+    out = enr(image, feats)
+    out.square().sum().backward()
+    assert torch.equal(out.detach(), answered)
+    assert all(p.grad is not None for p in enr.jbu.parameters())
+
+
 def test_tiny_preset_sizes_agree_under_both_readings():
     """The tiny preset's 3 JBU layers take E(i) (8 x 8) to half the 128-px input (enricher_stride 2): the decoder's
     S/8 ... S/2 are 8 * 2^k, so the paper's reading and FeatUp's doubling give the same layers, and the same output."""
