@@ -2,7 +2,7 @@
 What the language model is given to read: a linear probe of each trained grid checkpoint's visual tokens.
 
     python bench/probe.py                      # every run of out/miniature/runs (the grid's), 2 at a time
-    python bench/probe.py --only llava,hire --seeds 1
+    python bench/probe.py --only llava,hire --seeds 1    # re-probe some rows; probe.json keeps the others
 
 The miniature's answers mix two things: whether an item's identity reaches the LM's visual input at all, and
 whether the LM learnt to read it there within the budget. This separates them. For each checkpoint the visual
@@ -121,8 +121,21 @@ def main(argv=None):
         rs = [(p, a) for (k, _), p, a in results if k == key]
         if rs:
             print(f"| {label} | " + " | ".join(pm([r[i][s] for r in rs]) for i in (0, 1) for s in SIZES) + " |")
-    with open(os.path.join(args.runs, "..", "probe.json"), "w") as f:
-        json.dump([dict(key=k, seed=s, probe=p, answers=a) for (k, s), p, a in results], f, indent=1)
+    save_results(os.path.join(args.runs, "..", "probe.json"),
+                 [dict(key=k, seed=s, probe=p, answers=a) for (k, s), p, a in results])
+
+
+def save_results(path, rows):
+    """Writes rows to path; rows of other (key, seed) pairs already there are kept (a run with --only re-probes some
+    rows without dropping the rest)."""
+    new = {(r["key"], r["seed"]) for r in rows}
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [r for r in json.load(f) if (r["key"], r["seed"]) not in new]
+    with open(path + ".tmp", "w") as f:
+        json.dump(kept + rows, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

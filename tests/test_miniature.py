@@ -152,6 +152,18 @@ def test_learning_curve_runs_scale_both_stages_and_average_over_seeds(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_probe_results_of_a_partial_run_keep_the_other_rows(tmp_path):
+    """bench/probe.py --only KEY re-probes some rows: probe.json keeps every other (key, seed) row and takes the new
+    ones in place of the old."""
+    path = str(tmp_path / "probe.json")
+    row = lambda key, seed, v: dict(key=key, seed=seed, probe={"small": v}, answers={"small": v})
+    probe.save_results(path, [row("llava", 1, 0.1), row("hire", 1, 0.2), row("hire", 2, 0.3)])
+    probe.save_results(path, [row("hire", 1, 0.9)])
+    with open(path) as f:
+        got = {(r["key"], r["seed"]): r["probe"]["small"] for r in json.load(f)}
+    assert got == {("llava", 1): 0.1, ("hire", 1): 0.9, ("hire", 2): 0.3}
+
+
 def test_probe_fits_separable_classes_and_pools_what_the_lm_reads(grid):
     """bench/probe.py: the logistic regression classifies separable held-out points exactly; the features are
     the mean and max over the tokens the LM reads (the projector's output for the LLaVA family, encode_image's
