@@ -57,11 +57,11 @@ def table(res, base=None, unit="s"):
     (min-max): fresh memory the kernel maps in, up to ~3 us each on this VM."""
     print(f"{'':46s} {'wall ' + unit:>20s} {'cpu ' + unit:>20s} {'peak MiB':>9s} {'cpu ratio':>9s} {'faults':>20s}")
     med = {k: statistics.median(v[1]) for k, v in res.items()}
+    spread = lambda v: f"{statistics.median(v):7.3f} ({min(v):.2f}-{max(v):.2f})"
+    counts = lambda v: f"{statistics.median(v):.0f} ({min(v)}-{max(v)})"
     for k, (wall, cpu, peak, faults) in res.items():
-        spread = lambda v: f"{statistics.median(v):7.3f} ({min(v):.2f}-{max(v):.2f})"
         ratio = f"x{med[k] / med[base]:.2f}" if base else ""
-        print(f"{k:46s} {spread(wall):>20s} {spread(cpu):>20s} {peak:9.0f} {ratio:>9s} "
-              f"{f'{statistics.median(faults):.0f} ({min(faults)}-{max(faults)})':>20s}")
+        print(f"{k:46s} {spread(wall):>20s} {spread(cpu):>20s} {peak:9.0f} {ratio:>9s} {counts(faults):>20s}")
     return med
 
 

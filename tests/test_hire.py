@@ -162,7 +162,8 @@ def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers, str
 def test_cached_geometry_made_under_inference_mode_still_trains():
     """The windows' geometry is cached by size (pull_back_axis, place_windows). Made first under
     torch.inference_mode() (answering), it must not be an inference tensor that a later training step cannot save for
-    backward. Sizes no other test uses, so the cache is cold."""
+    backward. The caches are emptied first, so the geometry is made here."""
+    hire.pull_back_axis.cache_clear(), hire.place_windows.cache_clear()
     torch.manual_seed(0)
     enr = hire.Enricher(small_enricher_config(jbu_layers=3))
     image, feats = torch.randn(1, 3, 48, 48), torch.randn(1, 6, 3, 3)
