@@ -114,6 +114,19 @@ def max_pool2(x):
                          torch.maximum(x[..., ::2, 1::2], x[..., 1::2, 1::2]))
 
 
+def conv_relu_pool2(conv, x):
+    """max_pool2(relu(conv(x))) for a 3x3 conv with padding 1, as one stride-2 conv: the 3x3 kernel placed at each
+    of the pool's four offsets in a 4x4 one, so a pooled pixel's four conv outputs are four channel groups of one
+    output pixel, and the pool is a maximum over the groups. The same products and sums (plus exact zeros);
+    4x the output channels, which oneDNN fills far better when a stage is narrow (tiny preset, 3 -> 2 channels at
+    8 x 128^2: 0.88 ms, against 1.77 with the channels-last copy of the image the plain stage needs; the tiny
+    enricher's forward 10.8 -> 10.0 ms, with backward 40.3 -> 37.3, same values). A forward hook on the stage's
+    modules does not fire: they are not called."""
+    w = torch.stack([F.pad(conv.weight, (j, 1 - j, i, 1 - i)) for i in (0, 1) for j in (0, 1)])  # (4, out, in, 4, 4)
+    y = F.conv2d(x, w.flatten(0, 1), conv.bias.repeat(4), stride=2, padding=1).unflatten(1, (4, -1))
+    return torch.relu(torch.maximum(torch.maximum(y[:, 0], y[:, 1]), torch.maximum(y[:, 2], y[:, 3])))
+
+
 class UNet(nn.Module):
     """U of Eq. (2): an encoder of 5 stages at 1, 1/2, 1/4, 1/8, 1/16 of I and a decoder of the same depth with
     skip connections back to full resolution. Its decoder maps, coarse to fine, guide the JBU layers.
@@ -121,7 +134,8 @@ class UNet(nn.Module):
     one 3x3 conv + ReLU per stage (a "standard" UNet has two; one keeps the enricher at 0.230 M), no normalisation
     layers, max-pooling down and bilinear upsampling up (no transposed convs), and a 1x1 bottleneck conv without
     activation that maps the coarsest encoder stage to the guide width and is itself the coarsest guide.
-    stride > 1 (HIREConfig.enricher_stride): the decoder stops at S/stride, its finer stages left out."""
+    stride > 1 (HIREConfig.enricher_stride): the decoder stops at S/stride, its finer stages left out; the encoder
+    stages finer than S/stride then feed only the pool below them, and each runs as conv_relu_pool2."""
 
     def __init__(self, widths: list[int], guide_dim: int, stride: int = 1):
         super().__init__()
@@ -137,16 +151,23 @@ class UNet(nn.Module):
         skips = list(reversed(widths[:-1]))[:len(widths) - stride.bit_length()]  # S/8 ... S/stride
         self.up = nn.ModuleList(nn.Sequential(nn.Conv2d(guide_dim + w, guide_dim, 3, padding=1), nn.ReLU(inplace=True))
                                 for w in skips)
+        self.pooled_only = len(widths) - 1 - len(skips)  # stages finer than S/stride: no skip reads them, only the pool
 
     def forward(self, image):
-        # A narrow UNet runs channels-last (one copy of I): oneDNN then skips the reorders of each NCHW map to and
-        # from its channel blocks of 8 or 16, most of the work at 2-8 channels (tiny preset, batch 8: forward 6.4 ->
-        # 5.0 ms, with backward 25.6 -> 21.1). From 16 channels up (the paper's widths) NCHW is faster (at 672:
-        # channels-last 1.11x slower, with backward 1.08x). Same maths, other rounding. The guides leave as NCHW maps.
+        # A narrow UNet runs channels-last (one copy of its first module stage's input): oneDNN then skips the
+        # reorders of each NCHW map to and from its channel blocks of 8 or 16, most of the work at 2-8 channels (tiny
+        # preset, batch 8: forward 6.4 -> 5.0 ms, with backward 25.6 -> 21.1). From 16 channels up (the paper's
+        # widths) NCHW is faster (at 672: channels-last 1.11x slower, with backward 1.08x). Same maths, other
+        # rounding. The guides leave as NCHW maps.
         cl = self.channels_last and image.device.type == "cpu"  # measured with oneDNN; on a GPU cuDNN chooses
-        skips, x = [], image.contiguous(memory_format=torch.channels_last) if cl else image
+        skips, x = [], image
         for i, stage in enumerate(self.down):
-            x = stage(x if i == 0 else max_pool2(x))
+            if i < self.pooled_only:  # no skip reads its full-size map: make the pooled map at once
+                x = conv_relu_pool2(stage[0], x)
+                continue
+            if i == self.pooled_only:
+                x = x.contiguous(memory_format=torch.channels_last) if cl else x
+            x = stage(x if i == self.pooled_only else max_pool2(x))  # (pooled already: by the pool or the stage above)
             skips.append(x)
         d = self.bottleneck(x)  # (B, G, S/16, S/16)
         guides = [d]

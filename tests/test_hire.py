@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import data
@@ -276,7 +277,7 @@ def test_narrow_unet_runs_channels_last_with_the_same_values_and_gradients():
     image = torch.randn(2, 3, 64, 64)
     weights = [torch.randn(2, 4, s, s) for s in (4, 8, 16, 32)]
     results, layouts = [], []
-    for stage in (unet.down[0], unet.up[-1]):  # the first stage and the last
+    for stage in (unet.down[1], unet.up[-1]):  # the first stage run as a module (stride 2: see below) and the last
         stage.register_forward_hook(
             lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
     for channels_last in (True, False):
@@ -288,6 +289,33 @@ def test_narrow_unet_runs_channels_last_with_the_same_values_and_gradients():
     for a, b in zip(results[0][0] + list(results[0][1]), results[1][0] + list(results[1][1])):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert layouts == [True, True, False, False]  # the stages really ran in each layout
+
+
+def test_pooled_only_stage_runs_as_one_stride_2_conv():
+    """conv_relu_pool2 is max_pool2(relu(conv(x))) for a 3x3 conv: the same values and gradients (input, weight, bias;
+    fp64 to rounding, even and odd sizes), and the UNet runs it exactly for the stages no skip reads (stride 2: the
+    first; stride 1: none)."""
+    torch.manual_seed(0)
+    for cin, cout, shape in ((3, 2, (2, 16, 12)), (4, 5, (1, 9, 7))):
+        conv = nn.Conv2d(cin, cout, 3, padding=1).double()
+        x = torch.randn(shape[0], cin, *shape[1:], dtype=torch.float64, requires_grad=True)
+        w = torch.randn(shape[0], cout, shape[1] // 2, shape[2] // 2, dtype=torch.float64)
+        outs = [f(x) for f in (lambda t: hire.conv_relu_pool2(conv, t), lambda t: hire.max_pool2(F.relu(conv(t))))]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+        grads = [torch.autograd.grad((o * w).sum(), [x, conv.weight, conv.bias]) for o in outs]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert [hire.UNet([2, 4, 8, 8, 8], 4, s).pooled_only for s in (1, 2, 4)] == [0, 1, 2]
+    unet, calls = hire.UNet([2, 4, 8, 8, 8], 4, 4), []
+    for stage in unet.down:
+        stage.register_forward_hook(lambda m, i, out: calls.append(out.shape[-1]))
+    image = torch.randn(2, 3, 64, 64)
+    guides = unet(image)
+    assert calls == [16, 8, 4]  # the stages at 64 and 32 ran as stride-2 convs, not as modules
+    unet.pooled_only = 0  # the plain way: every stage a module, its full-size map pooled after
+    for a, b in zip(guides, unet(image), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert calls[3:] == [64, 32, 16, 8, 4]
 
 
 def test_max_pool2_equals_max_pool2d_values_and_relu_gradients():
