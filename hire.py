@@ -117,14 +117,15 @@ def max_pool2(x):
 def conv_relu_pool2(conv, x):
     """max_pool2(relu(conv(x))) for a 3x3 conv with padding 1, as one stride-2 conv: the 3x3 kernel placed at each
     of the pool's four offsets in a 4x4 one, so a pooled pixel's four conv outputs are four channel groups of one
-    output pixel, and the pool is a maximum over the groups. The same products and sums (plus exact zeros);
-    4x the output channels, which oneDNN fills far better when a stage is narrow (tiny preset, 3 -> 2 channels at
-    8 x 128^2: 0.88 ms, against 1.77 with the channels-last copy of the image the plain stage needs; the tiny
-    enricher's forward 10.8 -> 10.0 ms, with backward 40.3 -> 37.3, same values). A forward hook on the stage's
-    modules does not fire: they are not called."""
+    output pixel, and the pool is a maximum over the groups. The same products and sums, plus 7 of every 16 taps
+    multiplying exact zeros (torch's FLOP counter counts them: the tiny HIRE forward counts 0.54% over flops.py's
+    count of the maths). 4x the output channels, which oneDNN fills far better when a stage is narrow (tiny preset,
+    3 -> 2 channels at 8 x 128^2: 0.88 ms, against 1.77 with the channels-last copy of the image the plain stage
+    needs; the tiny enricher's forward 10.8 -> 10.0 ms, with backward 40.3 -> 37.3, same values). A forward hook on
+    the stage's modules does not fire: they are not called."""
     w = torch.stack([F.pad(conv.weight, (j, 1 - j, i, 1 - i)) for i in (0, 1) for j in (0, 1)])  # (4, out, in, 4, 4)
     y = F.conv2d(x, w.flatten(0, 1), conv.bias.repeat(4), stride=2, padding=1).unflatten(1, (4, -1))
-    return torch.relu(torch.maximum(torch.maximum(y[:, 0], y[:, 1]), torch.maximum(y[:, 2], y[:, 3])))
+    return torch.maximum(torch.maximum(y[:, 0], y[:, 1]), torch.maximum(y[:, 2], y[:, 3])).relu_()
 
 
 class UNet(nn.Module):
@@ -156,9 +157,9 @@ class UNet(nn.Module):
     def forward(self, image):
         # A narrow UNet runs channels-last (one copy of its first module stage's input): oneDNN then skips the
         # reorders of each NCHW map to and from its channel blocks of 8 or 16, most of the work at 2-8 channels (tiny
-        # preset, batch 8: forward 6.4 -> 5.0 ms, with backward 25.6 -> 21.1). From 16 channels up (the paper's
-        # widths) NCHW is faster (at 672: channels-last 1.11x slower, with backward 1.08x). Same maths, other
-        # rounding. The guides leave as NCHW maps.
+        # preset, batch 8, before conv_relu_pool2: forward 6.4 -> 5.0 ms, with backward 25.6 -> 21.1). From 16
+        # channels up (the paper's widths) NCHW is faster (at 672: channels-last 1.11x slower, with backward 1.08x).
+        # Same maths, other rounding. The guides leave as NCHW maps.
         cl = self.channels_last and image.device.type == "cpu"  # measured with oneDNN; on a GPU cuDNN chooses
         skips, x = [], image
         for i, stage in enumerate(self.down):

@@ -7,7 +7,7 @@ replaces S2's extra ViT passes at a fraction of the time (HIRE Sec. 3: TextVQA i
     python bench/bench_hire.py --size=1008          # S2 [336, 672, 1008]: 14 ViT passes
     python bench/bench_hire.py --part=tiny --threads=1
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 python bench/bench_hire.py --part=paper
-                                                    # glibc keeps freed memory: no fresh pages (README, notes on HIRE)
+                                                    # glibc keeps freed memory: far fewer fresh pages (README)
 
 Paper scale (CLIP-L/336 width, one image, fp32, random weights, a tiny LM: the vision side never touches it): one
 ViT-L/336 forward, the enricher (UNet + 5 JBU layers + pool) forward and forward + backward, and the vision side
@@ -97,10 +97,8 @@ def paper_scale(size, repeats):
            hire_row: lambda: models["hire"].encode_images(px[size])}
     with torch.no_grad():
         res = rounds(fns, repeats, memory=True)
-    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
     print(f"paper scale: one image, fp32, random weights, {torch.get_num_threads()} threads, {repeats} rounds; "
-          f"enricher {sum(p.numel() for p in enr.parameters()) / 1e6:.3f} M parameters; glibc malloc "
-          f"{malloc or 'defaults'}")
+          f"enricher {sum(p.numel() for p in enr.parameters()) / 1e6:.3f} M parameters")
     med = table(res, base=vit_row)
     x_en = 1024 * size * size * 4 / 2 ** 20  # the enricher's output map x_en (Eq. 2) at full size, fp32
     print(f"HIRE / S2 {med[hire_row] / med[s2_row]:.2f}, HIRE / LLaVA-1.5 "
@@ -165,6 +163,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    malloc = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    print(f"glibc malloc thresholds: {malloc or 'defaults'} (they change the page faults; README, notes on HIRE)")
     if args.part in ("all", "paper"):
         paper_scale(args.size, args.repeats)
     if args.part in ("all", "tiny"):

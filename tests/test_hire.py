@@ -277,7 +277,7 @@ def test_narrow_unet_runs_channels_last_with_the_same_values_and_gradients():
     image = torch.randn(2, 3, 64, 64)
     weights = [torch.randn(2, 4, s, s) for s in (4, 8, 16, 32)]
     results, layouts = [], []
-    for stage in (unet.down[1], unet.up[-1]):  # the first stage run as a module (stride 2: see below) and the last
+    for stage in (unet.down[1], unet.up[-1]):  # the first stage run as a module (stride 2: see the next test) and the last
         stage.register_forward_hook(
             lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
     for channels_last in (True, False):
@@ -293,8 +293,8 @@ def test_narrow_unet_runs_channels_last_with_the_same_values_and_gradients():
 
 def test_pooled_only_stage_runs_as_one_stride_2_conv():
     """conv_relu_pool2 is max_pool2(relu(conv(x))) for a 3x3 conv: the same values and gradients (input, weight, bias;
-    fp64 to rounding, even and odd sizes), and the UNet runs it exactly for the stages no skip reads (stride 2: the
-    first; stride 1: none)."""
+    fp64 to rounding, even and odd sizes), and the UNet runs it exactly for the stages no skip reads (stride 1: none;
+    2: the first; 4: the first two, checked against the same UNet run the plain way)."""
     torch.manual_seed(0)
     for cin, cout, shape in ((3, 2, (2, 16, 12)), (4, 5, (1, 9, 7))):
         conv = nn.Conv2d(cin, cout, 3, padding=1).double()
