@@ -161,14 +161,12 @@ class UNet(nn.Module):
         # channels up (the paper's widths) NCHW is faster (at 672: channels-last 1.11x slower, with backward 1.08x).
         # Same maths, other rounding. The guides leave as NCHW maps.
         cl = self.channels_last and image.device.type == "cpu"  # measured with oneDNN; on a GPU cuDNN chooses
-        skips, x = [], image
-        for i, stage in enumerate(self.down):
-            if i < self.pooled_only:  # no skip reads its full-size map: make the pooled map at once
-                x = conv_relu_pool2(stage[0], x)
-                continue
-            if i == self.pooled_only:
-                x = x.contiguous(memory_format=torch.channels_last) if cl else x
-            x = stage(x if i == self.pooled_only else max_pool2(x))  # (pooled already: by the pool or the stage above)
+        x = image
+        for stage in self.down[:self.pooled_only]:  # no skip reads their full-size maps: make the pooled maps at once
+            x = conv_relu_pool2(stage[0], x)
+        x, skips = x.contiguous(memory_format=torch.channels_last) if cl else x, []
+        for i, stage in enumerate(self.down[self.pooled_only:]):
+            x = stage(max_pool2(x) if i else x)  # (the first takes the image, or the map pooled above)
             skips.append(x)
         d = self.bottleneck(x)  # (B, G, S/16, S/16)
         guides = [d]

@@ -131,10 +131,11 @@ def tiny(repeats, n_questions=200, batch=8, steps=10):
           f"greedy answers to {n_questions} questions, batch {batch}, 8 new tokens each")
     with torch.no_grad():
         med = table(rounds(answers, repeats), base=list(models)[0])
-    keys, n = list(models), len(batches)  # (every model answers the same number of batches)
+    keys, n = list(models), -(-n_questions // batch)  # n: batches per answering call
+    per_batch = lambda k: (med[keys[k]] - (med[keys[0]] if k else 0)) / n * 1e3  # ms; extra over LLaVA-1.5 for k > 0
     print(f"HIRE / LLaVA-1.5 {med[keys[2]] / med[keys[0]]:.2f}, S2 / LLaVA-1.5 {med[keys[1]] / med[keys[0]]:.2f}; per "
-          f"batch: LLaVA-1.5 {med[keys[0]] / n * 1e3:.1f} ms, HIRE +{(med[keys[2]] - med[keys[0]]) / n * 1e3:.1f}, "
-          f"S2 +{(med[keys[1]] - med[keys[0]]) / n * 1e3:.1f} (cpu medians; the ratio moves with LLaVA-1.5's own speed)")
+          f"batch: LLaVA-1.5 {per_batch(0):.1f} ms, HIRE +{per_batch(2):.1f}, S2 +{per_batch(1):.1f} (cpu medians; "
+          f"the ratio moves with LLaVA-1.5's own speed)")
     # one alignment-stage ("pretrain") step: projector (+ enricher) train, ViT and LM frozen, captions
     trainers = {}
     for k, m in models.items():
