@@ -451,23 +451,28 @@ class JBU(nn.Module):
                                         nn.Conv2d(taps, taps, 1))
 
     def spatial_logits(self):
-        """(d*d,) log of a Gaussian over offsets on a [-1, 1] grid, learned sigma."""
-        r = torch.linspace(-1, 1, self.diameter, device=self.sigma_spatial.device)
+        """(d*d,) log of a Gaussian over offsets on a [-1, 1] grid, learned sigma. In fp32 at least, in fp64 for an fp64
+        model (a 0-dim sigma would not promote an fp32 grid)."""
+        s = self.sigma_spatial
+        r = torch.linspace(-1, 1, self.diameter, device=s.device, dtype=torch.promote_types(s.dtype, torch.float32))
         dist2 = (r[:, None] ** 2 + r[None, :] ** 2).flatten()  # tap t = i*d + j
         return -dist2 / (2 * self.sigma_spatial ** 2)
 
-    def kernel(self, guide, fixup=True):
-        """(B, d*d, H, W) kernel for every output pixel of guidance `guide` (B, G, H, W)."""
+    def kernel(self, guide, fixup=True, halo=False):
+        """(B, d*d, H, W) kernel for every output pixel of guidance `guide` (B, G, H, W). halo: `guide` is a band of
+        rows of a larger map with r rows more above and below (reflected where the map ends), and the kernel is for
+        the rows between them: (B, d*d, H - 2r, W)."""
         r = self.radius
         q = self.range_proj(guide)  # (B, K, H, W)
         # similarity of each pixel's key to its d*d neighbours', tap by tap (no (B, K, d*d, H, W) tensor)
-        sim = FusedNeighbourSimilarity.apply(F.pad(q, [r] * 4, mode="reflect"), r)
+        sim = FusedNeighbourSimilarity.apply(F.pad(q, [r, r, 0, 0] if halo else [r] * 4, mode="reflect"), r)
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         # the joint bilateral kernel, summing to one. FeatUp: softmax(temp * sim) times the spatial Gaussian g,
         # divided by its sum clamped at 1e-7; that is softmax(temp * sim + log g), one pass over the taps, not four
         # (the same unless the clamp acts: a sum below 1e-7 needs sigma_spatial far below its initial 1)
         k = F.softmax(torch.addcmul(self.spatial_logits().view(1, -1, 1, 1).to(sim.dtype), temp, sim), dim=1)
         if fixup:
+            guide = guide[:, :, r:guide.shape[-2] - r] if halo else guide
             k = torch.add(k, self.fixup_proj(torch.cat([k, guide], dim=1)), alpha=0.1)  # k + 0.1 fixup
         return k
 
@@ -475,6 +480,12 @@ class JBU(nn.Module):
         """x (B, C, h, w) -> (B, C, H, W) at the guidance size."""
         up = F.interpolate(x, size=guide.shape[-2:], mode="bicubic", align_corners=False)
         return apply_kernel(up, self.kernel(guide), self.radius)
+
+
+# On the CPU the last layer's kernel is made in bands of block rows (Enricher.top_windows) whose widest map holds
+# about BAND_BYTES. glibc's malloc serves blocks under its mmap threshold (which adapts up to 32 MiB) from memory the
+# process keeps; larger ones are mapped afresh every time and fault in page by page (up to ~3 us a page here).
+BAND_BYTES = 16 << 20
 
 
 class Enricher(nn.Module):
@@ -533,27 +544,55 @@ class Enricher(nn.Module):
                 outs.append(stack(xc, *kernels))
         return torch.cat(outs, dim=1)
 
-    def response(self, kernels, grid):
+    def response(self, guides, grid):
         """M (B, h*w, h*w), M[b, P, n] = what pooled output block P takes from E(i) at n: the pool's weights pulled
-        back through the JBU layers, block by block, each in its own window (see pull_back_axis)."""
-        (h, w), r, top = grid, self.jbu[0].radius, kernels[-1].shape[-2:]
+        back through the JBU layers, block by block, each in its own window (see pull_back_axis). The layers' kernels
+        are made here from their guides, the last layer's by top_windows."""
+        (h, w), r, top = grid, self.jbu[0].radius, guides[-1].shape[-2:]
         if top[0] % h or top[1] % w:
             raise ValueError(f"the last JBU layer's output {tuple(top)} does not split into the {h}x{w} pool blocks")
         sy, sx = top[0] // h, top[1] // w
         ys, xs, Ly, Lx = tuple(range(0, top[0], sy)), tuple(range(0, top[1], sx)), sy, sx
-        wt = kernels[-1].new_full((kernels[-1].shape[0], h, w, sy, sx), 1 / (sy * sx))  # the average pool
-        for i in reversed(range(len(kernels))):
-            k = kernels[i]
-            z = conv_transpose_windows(wt, windows(k, ys, xs, Ly, Lx), r)  # on the padded upsampled map
-            size_in = kernels[i - 1].shape[-2:] if i else grid
-            Ay, ys, Ly = pull_back_axis(size_in[0], k.shape[-2], r, ys, Ly + 2 * r)
-            Ax, xs, Lx = pull_back_axis(size_in[1], k.shape[-1], r, xs, Lx + 2 * r)
+        kernels = [layer.kernel(g) for layer, g in zip(self.jbu[:-1], guides[:-1])]  # first to last, as kernels()
+        wt = guides[-1].new_full((guides[-1].shape[0], h, w, sy, sx), 1 / (sy * sx))  # the average pool
+        z = self.top_windows(guides[-1], wt, xs)
+        for i in reversed(range(len(guides))):
+            if i < len(kernels):
+                z = conv_transpose_windows(wt, windows(kernels[i], ys, xs, Ly, Lx), r)  # on the padded upsampled map
+            size_in = guides[i - 1].shape[-2:] if i else grid
+            Ay, ys, Ly = pull_back_axis(size_in[0], guides[i].shape[-2], r, ys, Ly + 2 * r)
+            Ax, xs, Lx = pull_back_axis(size_in[1], guides[i].shape[-1], r, xs, Lx + 2 * r)
             wt = torch.einsum("yai,nyxab->nyxib", Ay.to(z), z)  # through the bicubic upsampling and padding
             wt = torch.einsum("nyxib,xbj->nyxij", wt, Ax.to(z))  # (B, h, w, Ly, Lx) on layer i's input
         src, dst = place_windows(h, w, ys, xs, Ly, Lx, wt.device)  # each block's window on E(i)'s grid
         M = wt.new_zeros(wt.shape[0], h * w * h * w)
         M[:, dst] = wt.flatten(1).index_select(1, src)  # (index_select: its backward is an index_add)
         return M.view(-1, h * w, h * w)
+
+    def top_windows(self, guide, wt, xs):
+        """The last layer transposed onto each pool block's padded window: conv_transpose_windows(wt, windows(its
+        kernel)). Its blocks' windows are the pool blocks themselves, whole rows of sy pixel rows, so on the CPU a
+        large map goes in bands of block rows (BAND_BYTES): each band's kernel comes from its guide rows plus an r-row
+        halo (reflected at the map's ends, as the whole map's padding) and makes that band's windows. The same
+        values; no full-size map of the layer is made (at 672 they are 32-81 channels, 55-139 MiB each). The halo
+        rows' keys are made twice: at 672, bands of 56 rows, 0.6% more multiply-adds than flops.py counts."""
+        layer, r = self.jbu[-1], self.jbu[-1].radius
+        (B, G, H, W), (h, sy, Lx) = guide.shape, (wt.shape[1], wt.shape[3], wt.shape[4])
+        row_bytes = B * (layer.diameter ** 2 + G) * (sy + 2 * r) * W * guide.element_size()  # the fix-up's input
+        n = max(1, BAND_BYTES // row_bytes)  # block rows per band
+        if guide.device.type != "cpu" or n >= h:
+            return conv_transpose_windows(wt, windows(layer.kernel(guide), tuple(range(0, H, sy)), xs, sy, Lx), r)
+        bands = [(a, min(a + n, h)) for a in range(0, h, n)]
+        rows = torch.cat([torch.arange(a * sy - r, b * sy + r) for a, b in bands])
+        rows = torch.where(rows < 0, -rows, torch.where(rows >= H, 2 * (H - 1) - rows, rows))  # reflect, as F.pad
+        # one gather for all bands, then views: the backward adds all bands into one gradient of the guide
+        parts = guide.index_select(2, rows.to(guide.device)).split([(b - a) * sy + 2 * r for a, b in bands], dim=2)
+        rng, zs = torch.get_rng_state(), []
+        for (a, b), g in zip(bands, parts):
+            torch.set_rng_state(rng)  # each band draws the Dropout2d masks the whole map would: one per image, channel
+            k = layer.kernel(g, halo=True)  # (B, d*d, (b - a) * sy, W)
+            zs.append(conv_transpose_windows(wt[:, a:b], windows(k, tuple(range(0, k.shape[-2], sy)), xs, sy, Lx), r))
+        return torch.cat(zs, dim=1)
 
     def forward(self, image, feats, path="basis"):
         """image (B, 3, S, S) = I; feats (B, C, h, w) = E(i). Returns pool(x_en) (B, C, h, w).
@@ -562,12 +601,11 @@ class Enricher(nn.Module):
         path "direct": the C channels through J at full size (what FeatUp does; tens of G multiply-adds at 672,
         kept as the plain reading and the check of "basis")."""
         B, C, h, w = feats.shape
-        kernels = self.kernels(image, (h, w))
         if path == "direct":
-            return self.propagate(feats, kernels)
+            return self.propagate(feats, self.kernels(image, (h, w)))
         if path != "basis":
             raise ValueError(f"unknown enricher path {path!r}: 'basis' or 'direct'")
-        M = self.response(kernels, (h, w))  # (B, P, n)
+        M = self.response(self.guides(image, (h, w)), (h, w))  # (B, P, n)
         return torch.einsum("bcn,bpn->bcp", feats.flatten(2), M).view(B, C, h, w)
 
 

@@ -16,8 +16,9 @@ LM, batch 8): greedy answers to the same 200 synthetic questions (8 new tokens e
 generates the same tokens' worth), and an alignment-stage training step (forward, backward, AdamW).
 Every variant runs once per round, the rounds interleaved (fair under shared load); medians over the rounds with
 their min-max, wall time and this process's CPU time (steadier on a shared machine: waiting for a core is not
-counted). Peak memory is the rise of the resident high-water mark over a call (Linux clear_refs); 0 where the
-call fits in memory that earlier rounds left with the process. Faults: minor page faults per call, median (min-max).
+counted). Peak memory is the rise of the resident high-water mark over one more call after the rounds (Linux
+clear_refs), with the pages of freed blocks handed back first (glibc malloc_trim). Faults: minor page faults per call
+in the rounds, median (min-max).
 """
 import argparse
 import os
@@ -39,18 +40,23 @@ from common import peak_rss  # noqa: E402  (bench/, this script's folder)
 
 def rounds(fns, n, warmup=1, memory=False):
     """{name: (wall list, cpu list, peak MiB, minor page faults list)} over n interleaved rounds of every fn, after
-    `warmup` rounds."""
+    `warmup` rounds. memory: the peak from one more call of each fn after them, with the freed pages handed back
+    first (common.peak_rss(trim=True)): memory that earlier calls left with the process would otherwise hide it."""
     out = {k: ([], [], 0.0, []) for k in fns}
     for r in range(warmup + n):
         for k, fn in fns.items():
-            with peak_rss() as mem:
-                t, c, f = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                fn()
-                wall, cpu = time.perf_counter() - t, time.process_time() - c
-                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+            t, c, f = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
             if r >= warmup:
                 wl, cl, peak, fl = out[k]
-                out[k] = (wl + [wall], cl + [cpu], max(peak, mem["peak"] if memory else 0.0), fl + [faults])
+                out[k] = (wl + [wall], cl + [cpu], peak, fl + [faults])
+    for k, fn in fns.items() if memory else ():
+        with peak_rss(trim=True) as mem:
+            fn()
+        wl, cl, _, fl = out[k]
+        out[k] = (wl, cl, mem["peak"], fl)
     return out
 
 

@@ -1,4 +1,5 @@
 """Timing and memory helpers the benchmark scripts share (Linux: /proc/self)."""
+import ctypes
 import statistics
 import time
 from contextlib import contextmanager
@@ -14,8 +15,12 @@ def status_mib(key):
 
 
 @contextmanager
-def peak_rss():
-    """Yields a dict that gets 'peak' = the rise of the peak resident set (MiB) over the block."""
+def peak_rss(trim=False):
+    """Yields a dict that gets 'peak' = the rise of the peak resident set (MiB) over the block. trim: first hand the
+    pages of freed blocks back to the system (glibc's malloc_trim), so the rise counts every page the block needs
+    beyond what is live, not only those beyond what earlier calls left with the process."""
+    if trim:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     out, start = {}, status_mib("VmRSS")

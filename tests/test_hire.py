@@ -160,6 +160,35 @@ def test_basis_and_direct_paths_equal_naive_computation(sizes, S, g, layers, str
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("radius", [1, 3])
+def test_banded_top_layer_equals_whole_map(radius, monkeypatch):
+    """On the CPU the last JBU layer's kernel is made in bands of pool-block rows when its maps are large
+    (Enricher.top_windows, BAND_BYTES). Against the whole map: training mode with Dropout2d on (every band must draw
+    the whole map's channel masks, and leave the random state where the whole map does), fp64 values and the
+    gradients of the image and of every parameter; bands of one block row and of two with a shorter last band, so
+    the reflected halos at both ends of the map and every band edge are crossed."""
+    torch.manual_seed(0)
+    enr = hire.Enricher(small_enricher_config(jbu_radius=radius, jbu_dropout=0.3)).double().train()
+    image = torch.randn(2, 3, 80, 80, dtype=torch.float64, requires_grad=True)  # top layer 80 x 80: 5 rows of 16
+    feats, w = torch.randn(2, 6, 5, 5, dtype=torch.float64), torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    top, rows = enr.jbu[-1], []
+    kernel = top.kernel
+    monkeypatch.setattr(top, "kernel", lambda g, **kw: rows.append(kernel(g, **kw).shape[-2]) or kernel(g, **kw))
+    row_bytes = 2 * (top.diameter ** 2 + 6) * (16 + 2 * radius) * 80 * 8  # a block row's fix-up input, fp64
+    results = {}
+    for name, budget, want in (("whole", 1 << 62, [80]), ("1 row", 1, [16] * 5), ("2 rows", 2 * row_bytes, [32, 32, 16])):
+        monkeypatch.setattr(hire, "BAND_BYTES", budget)
+        rows.clear()
+        torch.manual_seed(1)
+        out = enr(image, feats)
+        after = torch.rand(3)  # the random state the forward left
+        results[name] = (out, after) + torch.autograd.grad((out * w).sum(), [image] + list(enr.parameters()))
+        assert rows == want
+    for name in ("1 row", "2 rows"):
+        for a, b in zip(results[name], results["whole"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_cached_geometry_made_under_inference_mode_still_trains():
     """The windows' geometry is cached by size (pull_back_axis, place_windows). Made first under
     torch.inference_mode() (answering), it must not be an inference tensor that a later training step cannot save for
