@@ -484,7 +484,8 @@ class JBU(nn.Module):
 
 # On the CPU the last layer's kernel is made in bands of block rows (Enricher.top_windows) whose widest map holds
 # about BAND_BYTES. glibc's malloc serves blocks under its mmap threshold (which adapts up to 32 MiB) from memory the
-# process keeps; larger ones are mapped afresh every time and fault in page by page (up to ~3 us a page here).
+# process keeps; larger ones, unless its free heap holds them, are mapped afresh and fault in page by page (up to ~3 us
+# a page here).
 BAND_BYTES = 16 << 20
 
 
@@ -547,51 +548,56 @@ class Enricher(nn.Module):
     def response(self, guides, grid):
         """M (B, h*w, h*w), M[b, P, n] = what pooled output block P takes from E(i) at n: the pool's weights pulled
         back through the JBU layers, block by block, each in its own window (see pull_back_axis). The layers' kernels
-        are made here from their guides, the last layer's by top_windows."""
+        are made here from their guides, the last layer's within top_windows."""
         (h, w), r, top = grid, self.jbu[0].radius, guides[-1].shape[-2:]
         if top[0] % h or top[1] % w:
             raise ValueError(f"the last JBU layer's output {tuple(top)} does not split into the {h}x{w} pool blocks")
         sy, sx = top[0] // h, top[1] // w
         ys, xs, Ly, Lx = tuple(range(0, top[0], sy)), tuple(range(0, top[1], sx)), sy, sx
         kernels = [layer.kernel(g) for layer, g in zip(self.jbu[:-1], guides[:-1])]  # first to last, as kernels()
-        wt = guides[-1].new_full((guides[-1].shape[0], h, w, sy, sx), 1 / (sy * sx))  # the average pool
-        z = self.top_windows(guides[-1], wt, xs)
-        for i in reversed(range(len(guides))):
-            if i < len(kernels):
-                z = conv_transpose_windows(wt, windows(kernels[i], ys, xs, Ly, Lx), r)  # on the padded upsampled map
+        z = self.top_windows(guides[-1], grid)  # the pool's weights through the last adaptive convolution
+        for i in reversed(range(len(guides))):  # z: the weights on layer i's padded upsampled map
             size_in = guides[i - 1].shape[-2:] if i else grid
             Ay, ys, Ly = pull_back_axis(size_in[0], guides[i].shape[-2], r, ys, Ly + 2 * r)
             Ax, xs, Lx = pull_back_axis(size_in[1], guides[i].shape[-1], r, xs, Lx + 2 * r)
             wt = torch.einsum("yai,nyxab->nyxib", Ay.to(z), z)  # through the bicubic upsampling and padding
             wt = torch.einsum("nyxib,xbj->nyxij", wt, Ax.to(z))  # (B, h, w, Ly, Lx) on layer i's input
+            if i:  # through layer i-1's adaptive convolution, onto its padded upsampled map
+                z = conv_transpose_windows(wt, windows(kernels[i - 1], ys, xs, Ly, Lx), r)
         src, dst = place_windows(h, w, ys, xs, Ly, Lx, wt.device)  # each block's window on E(i)'s grid
         M = wt.new_zeros(wt.shape[0], h * w * h * w)
         M[:, dst] = wt.flatten(1).index_select(1, src)  # (index_select: its backward is an index_add)
         return M.view(-1, h * w, h * w)
 
-    def top_windows(self, guide, wt, xs):
-        """The last layer transposed onto each pool block's padded window: conv_transpose_windows(wt, windows(its
-        kernel)). Its blocks' windows are the pool blocks themselves, whole rows of sy pixel rows, so on the CPU a
-        large map goes in bands of block rows (BAND_BYTES): each band's kernel comes from its guide rows plus an r-row
-        halo (reflected at the map's ends, as the whole map's padding) and makes that band's windows. The same
-        values; no full-size map of the layer is made (at 672 they are 32-81 channels, 55-139 MiB each). The halo
-        rows' keys are made twice: at 672, bands of 56 rows, 0.6% more multiply-adds than flops.py counts."""
-        layer, r = self.jbu[-1], self.jbu[-1].radius
-        (B, G, H, W), (h, sy, Lx) = guide.shape, (wt.shape[1], wt.shape[3], wt.shape[4])
+    def top_windows(self, guide, grid):
+        """The average pool's weights through the last layer's adaptive convolution, onto each pool block's padded
+        window: conv_transpose_windows(pool, windows(kernel)). Those windows are whole rows of pool blocks, so on the
+        CPU a large map goes in bands of block rows (BAND_BYTES), each band's kernel made from its guide rows plus a
+        reflected r-row halo: the same values up to rounding, without the layer's full-size keys, similarities and
+        kernels (at 672: 32-81 channels, 55-139 MiB each). One gathered copy of the guide with the halos remains
+        (61 MiB at 672; the backward then adds all bands into one gradient), and the halo rows' keys are made twice
+        (one image at 672: bands of 56 rows, 0.6% more multiply-adds than flops.py counts)."""
+        layer, r, (h, w) = self.jbu[-1], self.jbu[-1].radius, grid
+        B, G, H, W = guide.shape
+        sy, sx = H // h, W // w
+        xs = tuple(range(0, W, sx))
+        pool = lambda k, rows: k.new_full((B, rows, w, sy, sx), 1 / (sy * sx))  # the average pool, in k's dtype
         row_bytes = B * (layer.diameter ** 2 + G) * (sy + 2 * r) * W * guide.element_size()  # the fix-up's input
         n = max(1, BAND_BYTES // row_bytes)  # block rows per band
         if guide.device.type != "cpu" or n >= h:
-            return conv_transpose_windows(wt, windows(layer.kernel(guide), tuple(range(0, H, sy)), xs, sy, Lx), r)
+            k = layer.kernel(guide)
+            return conv_transpose_windows(pool(k, h), windows(k, tuple(range(0, H, sy)), xs, sy, sx), r)
         bands = [(a, min(a + n, h)) for a in range(0, h, n)]
         rows = torch.cat([torch.arange(a * sy - r, b * sy + r) for a, b in bands])
         rows = torch.where(rows < 0, -rows, torch.where(rows >= H, 2 * (H - 1) - rows, rows))  # reflect, as F.pad
         # one gather for all bands, then views: the backward adds all bands into one gradient of the guide
-        parts = guide.index_select(2, rows.to(guide.device)).split([(b - a) * sy + 2 * r for a, b in bands], dim=2)
+        parts = guide.index_select(2, rows).split([(b - a) * sy + 2 * r for a, b in bands], dim=2)
         rng, zs = torch.get_rng_state(), []
         for (a, b), g in zip(bands, parts):
             torch.set_rng_state(rng)  # each band draws the Dropout2d masks the whole map would: one per image, channel
             k = layer.kernel(g, halo=True)  # (B, d*d, (b - a) * sy, W)
-            zs.append(conv_transpose_windows(wt[:, a:b], windows(k, tuple(range(0, k.shape[-2], sy)), xs, sy, Lx), r))
+            win = windows(k, tuple(range(0, (b - a) * sy, sy)), xs, sy, sx)  # this band's blocks
+            zs.append(conv_transpose_windows(pool(k, b - a), win, r))
         return torch.cat(zs, dim=1)
 
     def forward(self, image, feats, path="basis"):

@@ -173,7 +173,11 @@ def test_banded_top_layer_equals_whole_map(radius, monkeypatch):
     feats, w = torch.randn(2, 6, 5, 5, dtype=torch.float64), torch.randn(2, 6, 5, 5, dtype=torch.float64)
     top, rows = enr.jbu[-1], []
     kernel = top.kernel
-    monkeypatch.setattr(top, "kernel", lambda g, **kw: rows.append(kernel(g, **kw).shape[-2]) or kernel(g, **kw))
+    def recorded(g, **kw):
+        k = kernel(g, **kw)
+        rows.append(k.shape[-2])
+        return k
+    monkeypatch.setattr(top, "kernel", recorded)
     row_bytes = 2 * (top.diameter ** 2 + 6) * (16 + 2 * radius) * 80 * 8  # a block row's fix-up input, fp64
     results = {}
     for name, budget, want in (("whole", 1 << 62, [80]), ("1 row", 1, [16] * 5), ("2 rows", 2 * row_bytes, [32, 32, 16])):
