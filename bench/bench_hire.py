@@ -14,8 +14,9 @@ ViT-L/336 forward, the enricher (UNet + 5 JBU layers + pool) forward and forward
 (everything before the LLM) of LLaVA-1.5, LLaVA-1.5-S2 and LLaVA-1.5-HIRE. Tiny presets (the shipped tiny ViT and
 LM, batch 8): greedy answers to the same 200 synthetic questions (8 new tokens each, no early stop, so every model
 generates the same tokens' worth), and an alignment-stage training step (forward, backward, AdamW).
-Every variant runs once per round, the rounds interleaved (fair under shared load); medians over the rounds with
-their min-max, wall time and this process's CPU time (steadier on a shared machine: waiting for a core is not
+Every variant runs once per round, the rounds interleaved (fair under shared load; in the tiny answering a round is
+one batch of LLaVA-1.5 and one of the model it is compared with, and a pass over the 200 questions is reported);
+medians over the rounds (passes) with their min-max, wall time and this process's CPU time (steadier on a shared machine: waiting for a core is not
 counted). Peak memory is the rise of the resident high-water mark over one more call after the rounds (Linux
 clear_refs), with the pages of freed blocks handed back first (glibc malloc_trim). Faults: minor page faults per call
 in the rounds, median (min-max).
@@ -115,6 +116,10 @@ def paper_scale(size, repeats):
 
 
 def tiny(repeats, n_questions=200, batch=8, steps=10):
+    # glibc raises its mmap threshold (and, twice that, its trim threshold) to the size of a large block when it is
+    # freed, up to 32 MiB; a process that has run anything large has done so. Do it here, or which model's blocks are
+    # mapped afresh depends on what ran before (LLaVA-1.5's answers faulted 0 to 256,000 times a pass across runs).
+    torch.empty(31 << 20, dtype=torch.uint8)  # made and freed at once
     vit_dir, lm_dir = train.tiny_base()
     tok = Tokenizer.from_pretrained(lm_dir)
     models = {}
@@ -131,17 +136,25 @@ def tiny(repeats, n_questions=200, batch=8, steps=10):
         qa = data.SyntheticDataset(tok, n=n_questions, split="test", image_size=c.image_size,
                                    template=c.template).qa_set(n_questions)
         batches = list(torch.utils.data.DataLoader(qa, batch_size=batch, collate_fn=qa.collate))
-        answers[k] = (lambda m=m, batches=batches: [m.eval().generate(b["pixels"], b["ids"], max_new_tokens=8,
-                                                                      mask=b["mask"]) for b in batches])
-    print(f"\ntiny presets (shipped tiny ViT + LM), {torch.get_num_threads()} threads, {repeats} rounds: "
-          f"greedy answers to {n_questions} questions, batch {batch}, 8 new tokens each")
-    with torch.no_grad():
-        med = table(rounds(answers, repeats), base=list(models)[0])
-    keys, n = list(models), -(-n_questions // batch)  # n: batches per answering call
-    per_batch = lambda k: (med[keys[k]] - (med[keys[0]] if k else 0)) / n * 1e3  # ms; extra over LLaVA-1.5 for k > 0
-    print(f"HIRE / LLaVA-1.5 {med[keys[2]] / med[keys[0]]:.2f}, S2 / LLaVA-1.5 {med[keys[1]] / med[keys[0]]:.2f}; per "
-          f"batch: LLaVA-1.5 {per_batch(0):.1f} ms, HIRE +{per_batch(2):.1f}, S2 +{per_batch(1):.1f} (cpu medians; "
-          f"the ratio moves with LLaVA-1.5's own speed)")
+
+        def answer(m=m, batches=batches, it=iter(range(10 ** 9))):  # the next batch of questions
+            b = batches[next(it) % len(batches)]
+            m.eval().generate(b["pixels"], b["ids"], max_new_tokens=8, mask=b["mask"])
+        answers[k] = answer
+    keys, n = list(models), -(-n_questions // batch)  # n: batches per pass over the questions
+    print(f"\ntiny presets (shipped tiny ViT + LM), {torch.get_num_threads()} threads, {repeats} passes: "
+          f"greedy answers to {n_questions} questions, batch {batch}, 8 new tokens each; LLaVA-1.5 against each")
+    passes = lambda v: [sum(v[i:i + n]) for i in range(0, len(v), n)]  # the batches' times summed per pass
+    extra = {}
+    for other in (keys[2], keys[1]):  # HIRE, then S2: S2's large maps would leave the heap churned for the next
+        with torch.no_grad():  # one batch of each in turn: the host's noise falls on both alike
+            res = rounds({keys[0]: answers[keys[0]], other: answers[other]}, n * repeats, warmup=n)
+        med = table({k: (passes(wall), passes(cpu), peak, passes(faults)) for k, (wall, cpu, peak, faults) in
+                     res.items()}, base=keys[0])
+        extra[other] = (med[other] / med[keys[0]], med[keys[0]] / n * 1e3, (med[other] - med[keys[0]]) / n * 1e3)
+    (hr, hl, he), (sr, sl, se) = extra[keys[2]], extra[keys[1]]
+    print(f"HIRE / LLaVA-1.5 {hr:.2f}, S2 / LLaVA-1.5 {sr:.2f}; per batch (ms): HIRE +{he:.1f} on LLaVA-1.5's {hl:.1f}, "
+          f"S2 +{se:.1f} on {sl:.1f} (cpu medians; the ratio moves with LLaVA-1.5's own speed)")
     # one alignment-stage ("pretrain") step: projector (+ enricher) train, ViT and LM frozen, captions
     trainers = {}
     for k, m in models.items():
