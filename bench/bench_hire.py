@@ -14,10 +14,11 @@ ViT-L/336 forward, the enricher (UNet + 5 JBU layers + pool) forward and forward
 (everything before the LLM) of LLaVA-1.5, LLaVA-1.5-S2 and LLaVA-1.5-HIRE. Tiny presets (the shipped tiny ViT and
 LM, batch 8): greedy answers to the same 200 synthetic questions (8 new tokens each, no early stop, so every model
 generates the same tokens' worth), and an alignment-stage training step (forward, backward, AdamW).
-Every variant runs once per round, the rounds interleaved (fair under shared load; in the tiny answering a round is
-one batch of LLaVA-1.5 and one of the model it is compared with, and a pass over the 200 questions is reported);
-medians over the rounds (passes) with their min-max, wall time and this process's CPU time (steadier on a shared machine: waiting for a core is not
-counted). Peak memory is the rise of the resident high-water mark over one more call after the rounds (Linux
+Every variant runs once per round, the rounds interleaved (fair under shared load). At paper scale the forwards'
+rounds come first, then forward + backward's own (a backward's freed memory would serve the forwards after it); in
+the tiny answering a round is one batch of LLaVA-1.5 and one of the model it is compared with, and a pass over the
+200 questions is reported. Medians over the rounds (passes) with their min-max, wall time and this process's CPU time
+(steadier on a shared machine: waiting for a core is not counted). Peak memory is the rise of the resident high-water mark over one more call after the rounds (Linux
 clear_refs), with the pages of freed blocks handed back first (glibc malloc_trim). Faults: minor page faults per call
 in the rounds, median (min-max).
 """
@@ -98,12 +99,14 @@ def paper_scale(size, repeats):
     s2_row, hire_row = f"vision side LLaVA-1.5-S2 {scales}", f"vision side LLaVA-1.5-HIRE ({size})"
     fns = {vit_row: lambda: vit(px[336], layer=-2),
            enr_row: lambda: enr(px[size], feats),
-           enr_bwd: fwd_bwd,
            "vision side LLaVA-1.5 (336)": lambda: models["none"].encode_images(px[336]),
            s2_row: lambda: models["s2"].encode_images(px[size]),
            hire_row: lambda: models["hire"].encode_images(px[size])}
+    # the forwards first, as a process that only answers runs them; then forward + backward in rounds of its own (a
+    # backward's memory, once freed, stays with glibc's heap and would serve the forwards after it)
     with torch.no_grad():
         res = rounds(fns, repeats, memory=True)
+    res = {**dict(list(res.items())[:2]), **rounds({enr_bwd: fwd_bwd}, repeats, memory=True), **res}
     print(f"paper scale: one image, fp32, random weights, {torch.get_num_threads()} threads, {repeats} rounds; "
           f"enricher {sum(p.numel() for p in enr.parameters()) / 1e6:.3f} M parameters")
     med = table(res, base=vit_row)
