@@ -18,9 +18,9 @@ Every variant runs once per round, the rounds interleaved (fair under shared loa
 rounds come first, then forward + backward's own (a backward's freed memory would serve the forwards after it); in
 the tiny answering a round is one batch of LLaVA-1.5 and one of the model it is compared with, and a pass over the
 200 questions is reported. Medians over the rounds (passes) with their min-max, wall time and this process's CPU time
-(steadier on a shared machine: waiting for a core is not counted). Peak memory is the rise of the resident high-water mark over one more call after the rounds (Linux
-clear_refs), with the pages of freed blocks handed back first (glibc malloc_trim). Faults: minor page faults per call
-in the rounds, median (min-max).
+(steadier on a shared machine: waiting for a core is not counted). Peak memory is the rise of the resident high-water
+mark over one more call after the rounds (Linux clear_refs), with the pages of freed blocks handed back first (glibc
+malloc_trim). Faults: minor page faults per call in the rounds, median (min-max).
 """
 import argparse
 import os
@@ -106,7 +106,7 @@ def paper_scale(size, repeats):
     # backward's memory, once freed, stays with glibc's heap and would serve the forwards after it)
     with torch.no_grad():
         res = rounds(fns, repeats, memory=True)
-    res = {**dict(list(res.items())[:2]), **rounds({enr_bwd: fwd_bwd}, repeats, memory=True), **res}
+    res |= rounds({enr_bwd: fwd_bwd}, repeats, memory=True)
     print(f"paper scale: one image, fp32, random weights, {torch.get_num_threads()} threads, {repeats} rounds; "
           f"enricher {sum(p.numel() for p in enr.parameters()) / 1e6:.3f} M parameters")
     med = table(res, base=vit_row)
@@ -156,8 +156,8 @@ def tiny(repeats, n_questions=200, batch=8, steps=10):
                      res.items()}, base=keys[0])
         extra[other] = (med[other] / med[keys[0]], med[keys[0]] / n * 1e3, (med[other] - med[keys[0]]) / n * 1e3)
     (hr, hl, he), (sr, sl, se) = extra[keys[2]], extra[keys[1]]
-    print(f"HIRE / LLaVA-1.5 {hr:.2f}, S2 / LLaVA-1.5 {sr:.2f}; per batch (ms): HIRE +{he:.1f} on LLaVA-1.5's {hl:.1f}, "
-          f"S2 +{se:.1f} on {sl:.1f} (cpu medians; the ratio moves with LLaVA-1.5's own speed)")
+    print(f"HIRE / LLaVA-1.5 {hr:.2f}, S2 / LLaVA-1.5 {sr:.2f}; per batch (ms): HIRE +{he:.1f} on LLaVA-1.5's "
+          f"{hl:.1f}, S2 +{se:.1f} on {sl:.1f} (cpu medians; the ratio moves with LLaVA-1.5's own speed)")
     # one alignment-stage ("pretrain") step: projector (+ enricher) train, ViT and LM frozen, captions
     trainers = {}
     for k, m in models.items():
