@@ -86,7 +86,7 @@ class HIREConfig:
             # Eq. (1) says) was 34% of the tiny ViT's (14.9 of 43.2 M) and answered in 1.8x LLaVA-1.5's time, against
             # the paper's +0.1% (Sec. 3, TextVQA inference). So the tiny stack stops at S/2 = 64: 3 JBU layers,
             # 8 -> 16 -> 32 -> 64, guided by the decoder's S/8 ... S/2; the UNet still reads the 128-px image in its
-            # first stage. 5.9 M per image, 14% of the ViT's (flops.py), 3570 parameters; answering takes 1.22-1.23x
+            # first stage. 5.9 M per image, 14% of the ViT's (flops.py), 3570 parameters; answering takes 1.21-1.25x
             # LLaVA-1.5's time, a training step 0.58-0.60x S2's (bench/bench_hire.py --part=tiny, 1 thread; the
             # README's notes on HIRE). The two readings of the stack's sizes agree here: the decoder's 16 ... 64 are
             # 8 * 2^k
