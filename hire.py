@@ -456,7 +456,7 @@ class JBU(nn.Module):
         s = self.sigma_spatial
         r = torch.linspace(-1, 1, self.diameter, device=s.device, dtype=torch.promote_types(s.dtype, torch.float32))
         dist2 = (r[:, None] ** 2 + r[None, :] ** 2).flatten()  # tap t = i*d + j
-        return -dist2 / (2 * self.sigma_spatial ** 2)
+        return -dist2 / (2 * s ** 2)
 
     def kernel(self, guide, fixup=True, halo=False):
         """(B, d*d, H, W) kernel for every output pixel of guidance `guide` (B, G, H, W). halo: `guide` is a band of
@@ -581,23 +581,25 @@ class Enricher(nn.Module):
         B, G, H, W = guide.shape
         sy, sx = H // h, W // w
         xs = tuple(range(0, W, sx))
-        pool = lambda k, rows: k.new_full((B, rows, w, sy, sx), 1 / (sy * sx))  # the average pool, in k's dtype
+
+        def through(k):  # the average pool (in k's dtype) through kernel k of whole block rows, block by block
+            ys = tuple(range(0, k.shape[-2], sy))
+            pool = k.new_full((B, len(ys), w, sy, sx), 1 / (sy * sx))
+            return conv_transpose_windows(pool, windows(k, ys, xs, sy, sx), r)
+
         row_bytes = B * (layer.diameter ** 2 + G) * (sy + 2 * r) * W * guide.element_size()  # the fix-up's input
         n = max(1, BAND_BYTES // row_bytes)  # block rows per band
         if guide.device.type != "cpu" or n >= h:
-            k = layer.kernel(guide)
-            return conv_transpose_windows(pool(k, h), windows(k, tuple(range(0, H, sy)), xs, sy, sx), r)
+            return through(layer.kernel(guide))
         bands = [(a, min(a + n, h)) for a in range(0, h, n)]
         rows = torch.cat([torch.arange(a * sy - r, b * sy + r) for a, b in bands])
         rows = torch.where(rows < 0, -rows, torch.where(rows >= H, 2 * (H - 1) - rows, rows))  # reflect, as F.pad
         # one gather for all bands, then views: the backward adds all bands into one gradient of the guide
         parts = guide.index_select(2, rows).split([(b - a) * sy + 2 * r for a, b in bands], dim=2)
         rng, zs = torch.get_rng_state(), []
-        for (a, b), g in zip(bands, parts):
+        for g in parts:
             torch.set_rng_state(rng)  # each band draws the Dropout2d masks the whole map would: one per image, channel
-            k = layer.kernel(g, halo=True)  # (B, d*d, (b - a) * sy, W)
-            win = windows(k, tuple(range(0, (b - a) * sy, sy)), xs, sy, sx)  # this band's blocks
-            zs.append(conv_transpose_windows(pool(k, b - a), win, r))
+            zs.append(through(layer.kernel(g, halo=True)))  # the band's kernel: (B, d*d, (b - a) * sy, W)
         return torch.cat(zs, dim=1)
 
     def forward(self, image, feats, path="basis"):

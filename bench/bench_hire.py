@@ -23,6 +23,7 @@ mark over one more call after the rounds (Linux clear_refs), with the pages of f
 malloc_trim). Faults: minor page faults per call in the rounds, median (min-max).
 """
 import argparse
+import itertools
 import os
 import resource
 import statistics
@@ -140,8 +141,8 @@ def tiny(repeats, n_questions=200, batch=8, steps=10):
                                    template=c.template).qa_set(n_questions)
         batches = list(torch.utils.data.DataLoader(qa, batch_size=batch, collate_fn=qa.collate))
 
-        def answer(m=m, batches=batches, it=iter(range(10 ** 9))):  # the next batch of questions
-            b = batches[next(it) % len(batches)]
+        def answer(m=m, it=itertools.cycle(batches)):  # the next batch of questions
+            b = next(it)
             m.eval().generate(b["pixels"], b["ids"], max_new_tokens=8, mask=b["mask"])
         answers[k] = answer
     keys, n = list(models), -(-n_questions // batch)  # n: batches per pass over the questions
@@ -167,8 +168,8 @@ def tiny(repeats, n_questions=200, batch=8, steps=10):
         opt = torch.optim.AdamW(m.configure_stage("pretrain"))
         m.train()
 
-        def step(m=m, bs=bs, opt=opt, it=iter(range(10 ** 9))):
-            b = bs[next(it) % len(bs)]
+        def step(m=m, opt=opt, it=itertools.cycle(bs)):
+            b = next(it)
             _, loss = m(b["pixels"], b["ids"], b["labels"], b["mask"])
             opt.zero_grad(set_to_none=True)
             loss.backward()

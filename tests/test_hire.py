@@ -180,7 +180,8 @@ def test_banded_top_layer_equals_whole_map(radius, monkeypatch):
     monkeypatch.setattr(top, "kernel", recorded)
     row_bytes = 2 * (top.diameter ** 2 + 6) * (16 + 2 * radius) * 80 * 8  # a block row's fix-up input, fp64
     results = {}
-    for name, budget, want in (("whole", 1 << 62, [80]), ("1 row", 1, [16] * 5), ("2 rows", 2 * row_bytes, [32, 32, 16])):
+    bands = (("whole", 1 << 62, [80]), ("1 row", 1, [16] * 5), ("2 rows", 2 * row_bytes, [32, 32, 16]))
+    for name, budget, want in bands:
         monkeypatch.setattr(hire, "BAND_BYTES", budget)
         rows.clear()
         torch.manual_seed(1)
@@ -310,7 +311,7 @@ def test_narrow_unet_runs_channels_last_with_the_same_values_and_gradients():
     image = torch.randn(2, 3, 64, 64)
     weights = [torch.randn(2, 4, s, s) for s in (4, 8, 16, 32)]
     results, layouts = [], []
-    for stage in (unet.down[1], unet.up[-1]):  # the first stage run as a module (stride 2: see the next test) and the last
+    for stage in (unet.down[1], unet.up[-1]):  # the first stage run as a module (stride 2: the next test), the last
         stage.register_forward_hook(
             lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
     for channels_last in (True, False):
